@@ -1,0 +1,407 @@
+"""Backbone registry: model name -> torchvision convolutional trunk cut at a chosen layer.
+
+A trunk is the model's convolutional part as an ``nn.Sequential`` of its own named children
+(``conv1, bn1, ..., layer4`` for ResNets; ``features`` for VGG), so parameter names equal the
+full model's and a full-model state dict loads into it. Any layer is selectable by its dotted
+name through nested ``Sequential`` containers (``features.29``, ``layer3``, ``features.3.1``).
+
+Normalisation uses the weights' mean/std only, never their resize/crop preset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import os
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models import get_model, get_model_weights, list_models
+
+from .config import Config
+from .errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Chain = list[tuple[str, nn.Module]]
+
+
+class _GoogLeNetInput(nn.Module):
+    """GoogLeNet/Inception-v3 ``transform_input``: their pretrained weights expect it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model_transform = model._transform_input  # type: ignore[attr-defined]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model_transform(x)
+
+
+def _children(model: nn.Module, names: list[str]) -> Chain:
+    return [(name, getattr(model, name)) for name in names]
+
+
+def _resnet(m: nn.Module) -> Chain:
+    return _children(m, ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"])
+
+
+def _densenet(m: nn.Module) -> Chain:
+    return [("features", m.features), ("relu", nn.ReLU())]  # DenseNet applies relu in forward()
+
+
+def _googlenet(m: nn.Module) -> Chain:
+    names = ["conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b",
+             "maxpool3", "inception4a", "inception4b", "inception4c", "inception4d", "inception4e",
+             "maxpool4", "inception5a", "inception5b"]  # fmt: skip
+    prefix = [("transform_input", _GoogLeNetInput(m))] if m.transform_input else []
+    return prefix + _children(m, names)
+
+
+def _inception3(m: nn.Module) -> Chain:
+    names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
+             "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
+             "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]  # fmt: skip
+    prefix = [("transform_input", _GoogLeNetInput(m))] if m.transform_input else []
+    return prefix + _children(m, names)
+
+
+def _attr(name: str) -> Callable[[nn.Module], Chain]:
+    return lambda m: [(name, getattr(m, name))]
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to take the trunk out of one family of torchvision models."""
+
+    prefix: str
+    chain: Callable[[nn.Module], Chain]
+    default_layer: str
+    # Masked padding is exact only for trunks of local ops (conv, eval BN, pointwise, pooling
+    # as modules). Squeeze-excitation or functional pooling inside blocks rule it out.
+    maskable: bool
+
+
+# Order matters: the first prefix that matches a model name wins.
+FAMILIES = (
+    Family("resnet", _resnet, "layer4", True),
+    Family("resnext", _resnet, "layer4", True),
+    Family("wide_resnet", _resnet, "layer4", True),
+    Family("vgg", _attr("features"), "features", True),
+    Family("alexnet", _attr("features"), "features", True),
+    Family("densenet", _densenet, "relu", True),
+    Family("mobilenet_v2", _attr("features"), "features", True),
+    Family("mobilenet_v3", _attr("features"), "features", False),  # squeeze-excitation
+    Family("efficientnet", _attr("features"), "features", False),  # squeeze-excitation
+    Family("regnet_x", lambda m: _children(m, ["stem", "trunk_output"]), "trunk_output", True),
+    Family("regnet_y", lambda m: _children(m, ["stem", "trunk_output"]), "trunk_output", False),
+    Family("convnext", _attr("features"), "features", True),
+    Family("squeezenet", _attr("features"), "features", True),
+    Family("shufflenet_v2", lambda m: _children(
+        m, ["conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"]), "conv5", True),
+    Family("mnasnet", _attr("layers"), "layers", True),
+    Family("googlenet", _googlenet, "inception5b", True),
+    Family("inception_v3", _inception3, "Mixed_7c", False),  # functional pooling in blocks
+)
+REFUSED = ("vit_", "swin_", "maxvit_")  # attention over fixed-size patch grids
+
+
+def family_of(name: str) -> Family | None:
+    return next((f for f in FAMILIES if name.startswith(f.prefix)), None)
+
+
+def supported_backbones() -> list[str]:
+    return [n for n in list_models(module=torchvision.models) if family_of(n) is not None]
+
+
+def _check_backbone(name: str) -> Family:
+    family = family_of(name)
+    if family is not None and name in list_models(module=torchvision.models):
+        return family
+    if name.startswith(REFUSED):
+        raise ConfigError(
+            f"backbone {name!r} is a vision transformer: it needs a fixed input size, so it "
+            "cannot pool native-size images; choose a CNN (spp-extract backbones lists them)"
+        )
+    close = difflib.get_close_matches(name, supported_backbones(), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    raise ConfigError(f"unknown backbone {name!r}; {hint}(spp-extract backbones lists all)")
+
+
+def _layer_names(chain: Chain) -> list[str]:
+    """Every selectable layer: top-level names and, through Sequentials, their dotted children."""
+    names: list[str] = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        names.append(prefix)
+        if isinstance(module, nn.Sequential):
+            for child_name, child in module.named_children():
+                walk(f"{prefix}.{child_name}", child)
+
+    for name, module in chain:
+        walk(name, module)
+    return names
+
+
+def _cut(chain: Chain, layer: str) -> nn.Sequential:
+    """The chain up to and including ``layer``, as one Sequential with the model's names."""
+    head, _, rest = layer.partition(".")
+    out = nn.Sequential()
+    for name, module in chain:
+        if name != head:
+            out.add_module(name, module)
+            continue
+        if not rest:
+            out.add_module(name, module)
+        else:
+            # Keep the container name so parameter names still match the full model.
+            inner = list(module.named_children())
+            out.add_module(name, _cut(inner, rest))
+        return out
+    raise KeyError(layer)
+
+
+@contextlib.contextmanager
+def _empty_init() -> Iterator[None]:
+    """Build modules with parameters on the meta device (no memory, no init cost)."""
+    register_parameter = nn.Module.register_parameter
+    register_buffer = nn.Module.register_buffer
+
+    def parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register_parameter(self, name, param)
+        if param is not None:
+            self._parameters[name] = nn.Parameter(param.to("meta"), param.requires_grad)
+
+    def buffer(self: nn.Module, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
+        register_buffer(self, name, tensor, persistent)
+        if tensor is not None:
+            self._buffers[name] = tensor.to("meta")
+
+    nn.Module.register_parameter = parameter  # type: ignore[method-assign]
+    nn.Module.register_buffer = buffer  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a config's backbone/layer/weights/normalisation mean, without loading weights."""
+
+    backbone: str
+    layer: str
+    weights: str  # "none", "ResNet50_Weights.IMAGENET1K_V2", or "file:<path>"
+    weights_id: str  # what identifies the values: the enum name, or the file's sha256
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    maskable: bool
+
+
+def _weights_enum(config: Config):  # noqa: ANN202 (torchvision WeightsEnum member)
+    enum = get_model_weights(config.backbone)
+    if config.weights == "DEFAULT":
+        return enum.DEFAULT
+    names = [w.name for w in enum]
+    short = config.weights.split(".")[-1]
+    if short in names:
+        return enum[short]
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve(config: Config) -> ResolvedModel:
+    """Check backbone, layer and weights; fill in defaults. Raises ConfigError."""
+    family = _check_backbone(config.backbone)
+    with _empty_init():
+        chain = family.chain(get_model(config.backbone, weights=None))
+    layer = config.layer or family.default_layer
+    names = _layer_names(chain)
+    if layer not in names:
+        close = difflib.get_close_matches(layer, names, n=3)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        shown = ", ".join(names) if len(names) <= 40 else ", ".join(names[:40]) + ", ..."
+        raise ConfigError(
+            f"unknown layer {layer!r} for {config.backbone}; {hint}valid layers: {shown}"
+        )
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if config.weights == "none":
+        weights, weights_id = "none", f"none (seed {config.seed})"
+    elif (w := _weights_enum(config)) is not None:
+        weights, weights_id = str(w), str(w)
+        preset = w.transforms()
+        mean, std = tuple(preset.mean), tuple(preset.std)
+    else:
+        path = Path(config.weights)
+        if not path.is_file():
+            options = ", ".join(["DEFAULT", *(w.name for w in get_model_weights(config.backbone))])
+            raise ConfigError(
+                f"weights {config.weights!r} is neither a file nor a weights name for "
+                f"{config.backbone}; expected a state-dict file, 'none', or one of: {options}"
+            )
+        weights, weights_id = f"file:{path}", f"sha256:{_sha256(path)}"
+    if config.mean:
+        mean, std = config.mean, config.std
+    return ResolvedModel(
+        config.backbone, layer, weights, weights_id,
+        tuple(float(v) for v in mean), tuple(float(v) for v in std), family.maskable,
+    )  # fmt: skip
+
+
+def expected_cache_file(url: str) -> Path:
+    """Where torchvision's download (torch.hub) keeps a weights file: TORCH_HOME/hub/checkpoints."""
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"weights file '{path}' is not a plain state dict that torch.load(weights_only=True) "
+            f"accepts ({first}); save one with torch.save(model.state_dict(), FILE)"
+        ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict) and len(data) <= 3:
+            data = data[key]
+    if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
+        raise ConfigError(
+            f"weights file '{path}' holds a {type(data).__name__}, not a state dict of tensors; "
+            "save one with torch.save(model.state_dict(), FILE)"
+        )
+    return {k.removeprefix("module."): v for k, v in data.items()}
+
+
+def _summary(keys: list[str]) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
+
+def _load_file(model: nn.Module, trunk: nn.Sequential, path: Path, backbone: str) -> None:
+    state = _read_state_dict(path)
+    trunk_keys = set(trunk.state_dict())
+    model_keys = set(model.state_dict())
+    missing = sorted(trunk_keys - set(state))
+    unexpected = sorted(set(state) - model_keys)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_summary(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_summary(unexpected)}")
+        raise ConfigError(
+            f"weights file '{path}' does not fit {backbone} ({'; '.join(parts)}); is it for "
+            "another architecture?"
+        )
+    try:
+        trunk.load_state_dict({k: state[k] for k in trunk_keys}, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"weights file '{path}' does not fit {backbone}: {detail}") from None
+
+
+@dataclass
+class Trunk:
+    """A ready trunk: eval mode, no grad, on CPU; plus what the pipeline needs to know."""
+
+    module: nn.Sequential
+    resolved: ResolvedModel
+    channels: int
+    min_side: int  # smallest input side the trunk accepts; smaller images are padded up to it
+
+
+def _probe(module: nn.Module, height: int, width: int) -> tuple[int, int, int] | None:
+    """Output (C, H, W) for an input of this size, run on the meta device; None if too small."""
+    meta = module if _on_meta(module) else _meta_copy(module)
+    try:
+        out = meta(torch.empty(1, 3, height, width, device="meta"))
+    except RuntimeError:
+        return None
+    if out.dim() != 4 or min(out.shape[-2:]) < 1:
+        return None
+    return int(out.shape[1]), int(out.shape[2]), int(out.shape[3])
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return all(p.device.type == "meta" for p in module.parameters())
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module).to("meta")
+
+
+def min_side(module: nn.Module) -> int:
+    """Smallest square input the trunk accepts (1 for ResNets, 32 for VGG, ...)."""
+    meta = module if _on_meta(module) else _meta_copy(module)
+    low, high = 1, 1
+    while _probe(meta, high, high) is None:
+        low, high = high + 1, high * 2
+        if high > 4096:
+            raise ConfigError("this trunk accepts no input up to 4096 px; choose another layer")
+    while low < high:
+        mid = (low + high) // 2
+        if _probe(meta, mid, mid) is None:
+            low = mid + 1
+        else:
+            high = mid
+    return high
+
+
+def describe(backbone: str, layer: str = "") -> tuple[str, int, bool]:
+    """(resolved layer, channels, maskable) without weights or compute (meta device)."""
+    family = _check_backbone(backbone)
+    resolved = resolve(Config(backbone=backbone, layer=layer, weights="none"))
+    with _empty_init():
+        model = get_model(backbone, weights=None)
+    trunk = _cut(family.chain(model), resolved.layer).eval()
+    probe = _probe(trunk, 224, 224)
+    if probe is None:
+        raise ConfigError(f"{backbone} {resolved.layer} does not accept a 224 px input")
+    return resolved.layer, probe[0], family.maskable
+
+
+def build_trunk(config: Config) -> Trunk:
+    """Build the trunk with its weights. Raises ConfigError for anything the user can fix."""
+    resolved = resolve(config)
+    family = _check_backbone(config.backbone)
+    enum_weights = None if resolved.weights.startswith(("none", "file:")) else _weights_enum(config)
+    if enum_weights is not None:
+        try:
+            model = get_model(config.backbone, weights=enum_weights, progress=False)
+        except Exception as exc:  # URLError, OSError, hash mismatch, ...
+            cache = expected_cache_file(enum_weights.url)
+            raise ConfigError(
+                f"cannot load {resolved.weights} ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:120]}); it is looked up at {cache} — download "
+                f"{enum_weights.url} there, or pass --weights FILE with a state dict"
+            ) from None
+    else:
+        torch.manual_seed(config.seed)  # random init is reproducible for weights = "none"
+        model = get_model(config.backbone, weights=None)
+    model.eval()
+    trunk = _cut(family.chain(model), resolved.layer)
+    if resolved.weights.startswith("file:"):
+        _load_file(model, trunk, Path(config.weights), config.backbone)
+    trunk.eval().requires_grad_(False)
+    side = min_side(trunk)
+    probe = _probe(trunk, max(side, 224), max(side, 224))
+    assert probe is not None  # min_side just proved some size works
+    return Trunk(trunk, resolved, probe[0], side)

@@ -1,0 +1,848 @@
+"""Wires the stages: paths -> headers -> plan -> decode (workers) -> trunk -> SPP -> shards.
+
+Batching and devices live here. One process, or one process per rank under torchrun.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import contextlib
+import datetime
+import logging
+import math
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torchvision
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__, images
+from .backbones import ResolvedModel, Trunk, build_trunk, resolve
+from .config import AUTO, MODEL_KEYS, Config, to_toml
+from .errors import ConfigError, ImageError, OutputError, SppError
+from .masking import MaskedTrunk, can_mask
+from .pooling import spatial_pyramid_pool, spp_dim
+from .writer import (
+    OutputLock,
+    RowMeta,
+    ShardWriter,
+    assemble,
+    next_attempt,
+    read_state,
+    remove_partial,
+    remove_tree,
+    run_attrs,
+    shard_name,
+    shards_root,
+)  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+BUCKET = 64  # padded batching groups images whose sides round up to the same multiple of this
+
+
+class Interrupted(SppError):
+    """SIGINT/SIGTERM: committed work is kept; the exit status is 128 + signal."""
+
+    def __init__(self, signum: int, committed: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; {committed} images committed")
+        self.exit_code = 128 + signum
+
+
+@dataclass
+class Result:
+    """What a run did (the CLI's one-line summary)."""
+
+    output: Path
+    images: int  # rows in the output
+    failed: int
+    feature_dim: int
+    seconds: float
+    processed: int  # images computed by this run (fewer than `images` when resuming)
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (path, class, message)
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def _dist_from_env() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+                int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))  # fmt: skip
+
+
+def _device(config: Config, ctx: Dist) -> torch.device:
+    name = config.device
+    if name == AUTO:
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available() and not ctx.active:
+            name = "mps"
+        else:
+            name = "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{ctx.local_rank if ctx.active else 0}"
+        if int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} does not exist; {torch.cuda.device_count()} CUDA devices")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _workers(config: Config, device: torch.device, ctx: Dist) -> int:
+    if config.workers != AUTO:
+        return int(config.workers)
+    cores = max(1, _cores() // ctx.local_world)
+    if device.type == "cpu":
+        # Decoding takes ~10% of CPU compute; a worker would steal a core from compute threads.
+        return 0 if cores <= 2 else max(1, cores // 4)
+    return max(1, min(8, cores - 1))
+
+
+def _batch_limits(config: Config, device: torch.device) -> tuple[int, int]:
+    gpu = device.type != "cpu"
+    size = config.batch_size if config.batch_size != AUTO else (64 if gpu else 8)
+    pixels = config.batch_pixels if config.batch_pixels != AUTO else (64 if gpu else 8) * 512 * 512
+    return int(size), int(pixels)
+
+
+def fingerprint(config: Config, resolved: ResolvedModel) -> dict[str, Any]:
+    """The resolved values that decide the vectors; a resumed run must match them all."""
+    values = {
+        "backbone": resolved.backbone, "layer": resolved.layer, "weights": resolved.weights_id,
+        "levels": list(config.levels), "pooling": config.pooling, "mean": list(resolved.mean),
+        "std": list(resolved.std), "dtype": config.dtype, "precision": config.precision,
+    }  # fmt: skip
+    assert set(values) | {"seed"} == set(MODEL_KEYS)
+    return values
+
+
+def resolved_config(config: Config, resolved: ResolvedModel) -> dict[str, Any]:
+    """The full configuration with defaults filled in (printed by `spp-extract config`)."""
+    values = config.to_dict()
+    values.update(layer=resolved.layer, mean=list(resolved.mean), std=list(resolved.std))
+    return values
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Window:
+    start: int  # indices into this rank's work list
+    stop: int
+
+
+class Planner:
+    """Yields batches (lists of indices into the work list), window by window.
+
+    A window is a contiguous run of the sorted work list and becomes one shard; its size
+    follows the measured speed so that a shard is committed about every ``commit_seconds``.
+    Within a window, images are grouped by size: identical sizes only (``padded=False``) or
+    into 64-px buckets padded to their largest member (``padded=True``).
+
+    Batches handed out but not yet received are kept, so a new DataLoader can start again
+    from the first one not received (after a decoder crash).
+    """
+
+    def __init__(self, sizes: Sequence[tuple[int, int] | None], *, padded: bool,
+                 batch_size: int, batch_pixels: int, commit_seconds: float) -> None:  # fmt: skip
+        self.sizes = sizes
+        self.padded = padded
+        self.batch_size = batch_size
+        self.batch_pixels = batch_pixels
+        self.commit_seconds = commit_seconds
+        self.windows: list[Window] = []
+        self._starts: list[int] = []
+        self.rate: float | None = None  # images per second, set by the consumer
+        self._next = 0
+        self._issued: collections.deque[list[int]] = collections.deque()
+        self._pending: collections.deque[list[int]] = collections.deque()
+
+    def window_of(self, index: int) -> int:
+        return bisect.bisect_right(self._starts, index) - 1
+
+    def _window_size(self) -> int:
+        if self.rate is None:
+            return max(2 * self.batch_size, 16)
+        return max(self.batch_size, min(100_000, int(self.rate * self.commit_seconds)))
+
+    def _plan_window(self, start: int, stop: int) -> list[list[int]]:
+        known = [i for i in range(start, stop) if self.sizes[i] is not None]
+        unknown = [[i] for i in range(start, stop) if self.sizes[i] is None]
+
+        def group(i: int) -> tuple[int, int]:
+            h, w = self.sizes[i]  # type: ignore[misc]
+            return (math.ceil(h / BUCKET), math.ceil(w / BUCKET)) if self.padded else (h, w)
+
+        known.sort(key=lambda i: (group(i), self.sizes[i], i))
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        height = width = 0
+        for i in known:
+            h, w = self.sizes[i]  # type: ignore[misc]
+            nh, nw = max(height, h), max(width, w)
+            fits = (
+                batch and group(batch[0]) == group(i) and len(batch) < self.batch_size
+                and (len(batch) + 1) * nh * nw <= self.batch_pixels
+            )  # fmt: skip
+            if batch and not fits:
+                batches.append(batch)
+                batch, nh, nw = [], h, w
+            batch.append(i)
+            height, width = nh, nw
+        if batch:
+            batches.append(batch)
+        return batches + unknown
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            if self._pending:
+                batch = self._pending.popleft()
+            else:
+                if self._next >= len(self.sizes):
+                    return
+                start, stop = self._next, min(len(self.sizes), self._next + self._window_size())
+                self.windows.append(Window(start, stop))
+                self._starts.append(start)
+                self._next = stop
+                self._pending.extend(self._plan_window(start, stop))
+                continue
+            self._issued.append(batch)
+            yield batch
+
+    def received(self) -> list[int]:
+        return self._issued.popleft()
+
+    def rewind(self) -> None:
+        """Hand out the issued-but-not-received batches again (a fresh DataLoader)."""
+        self._pending.extendleft(reversed(self._issued))
+        self._issued.clear()
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class Item:
+    index: int
+    pixels: Tensor | None  # (3, H, W) uint8
+    meta: RowMeta
+
+
+def _decode_item(ref: images.ImageRef, index: int, min_side: int, config: Config) -> Item:
+    try:
+        decoded = images.decode(ref.path, max_pixels=config.max_pixels,
+                                allow_truncated=config.allow_truncated)  # fmt: skip
+    except ImageError as exc:
+        return Item(index, None, RowMeta(error_class=exc.kind, error=exc.message))
+    _, height, width = decoded.pixels.shape
+    meta = RowMeta(
+        image_size=(height, width),
+        input_size=(max(height, min_side), max(width, min_side)),
+        mode=decoded.mode, truncated=decoded.truncated,
+        file_size=decoded.file_size, mtime_ns=decoded.mtime_ns,
+    )  # fmt: skip
+    return Item(index, decoded.pixels, meta)
+
+
+class _Decode(Dataset):
+    def __init__(self, refs: Sequence[images.ImageRef], min_side: int, config: Config) -> None:
+        self.refs = refs
+        self.min_side = min_side
+        self.config = config
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> Item:
+        return _decode_item(self.refs[index], index, self.min_side, self.config)
+
+
+@dataclass
+class Batch:
+    indices: list[int]  # of the decoded images, in batch order
+    pixels: Tensor | None  # (N, 3, H, W) uint8, zero-padded at bottom/right
+    metas: list[RowMeta]
+    failures: list[Item]
+
+    def pin_memory(self) -> Batch:
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def _collate(items: list[Item]) -> Batch:
+    good = [it for it in items if it.pixels is not None]
+    failures = [it for it in items if it.pixels is None]
+    if not good:
+        return Batch([], None, [], failures)
+    height = max(it.meta.input_size[0] for it in good)
+    width = max(it.meta.input_size[1] for it in good)
+    pixels = torch.zeros(len(good), 3, height, width, dtype=torch.uint8)
+    for row, it in enumerate(good):
+        assert it.pixels is not None
+        h, w = it.meta.image_size
+        pixels[row, :, :h, :w] = it.pixels
+    return Batch([it.index for it in good], pixels, [it.meta for it in good], failures)
+
+
+def _isolated_decode(ref: images.ImageRef, index: int, min_side: int, config: Config) -> Item:
+    """Decode in a throw-away process: a crash or hang becomes a failure record."""
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    parent, child = ctx.Pipe(duplex=False)
+
+    def target() -> None:
+        item = _decode_item(ref, index, min_side, config)
+        child.send(item)
+
+    process = ctx.Process(target=target, daemon=True)
+    process.start()
+    child.close()
+    try:
+        if parent.poll(config.decode_timeout):
+            try:
+                return parent.recv()
+            except EOFError:
+                pass
+        else:
+            process.kill()
+            return Item(index, None, RowMeta(error_class="decode_timeout",
+                        error=f"decoding took longer than {config.decode_timeout:g} s"))  # fmt: skip
+    finally:
+        process.join(5)
+        parent.close()
+    return Item(index, None, RowMeta(
+        error_class="decoder_crashed", error=f"the decoder process died (exit {process.exitcode})"))
+
+
+# ----------------------------------------------------------------------------- compute
+
+
+class Extractor:
+    """Trunk + SPP on one device: uint8 batches in, vectors out. Exact batching of mixed
+    sizes when ``padded`` (masked padding), identical sizes otherwise."""
+
+    def __init__(self, trunk: Trunk, config: Config, device: torch.device, *, padded: bool) -> None:
+        self.trunk = trunk
+        self.config = config
+        self.device = device
+        self.module = trunk.module.to(device)
+        if device.type == "cuda":
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.masked = MaskedTrunk(self.module) if padded else None
+        self.mean = torch.tensor(trunk.resolved.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(trunk.resolved.std, device=device).view(1, 3, 1, 1)
+        self.dim = spp_dim(trunk.channels, config.levels)
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+
+    def _run(self, pixels: Tensor, metas: Sequence[RowMeta]) -> Tensor:
+        x = pixels.to(self.device, non_blocking=True).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        sizes = [m.image_size for m in metas]
+        if any(tuple(s) != tuple(x.shape[-2:]) for s in sizes):
+            # Outside each image (padding, and the min-size margin): exactly 0 after normalising.
+            rows = torch.arange(x.shape[-2], device=self.device)
+            cols = torch.arange(x.shape[-1], device=self.device)
+            valid = torch.tensor(sizes, device=self.device)
+            mask = (rows[None, :] < valid[:, :1])[:, :, None] & (cols[None, :] < valid[:, 1:])[:, None, :]
+            x = torch.where(mask[:, None], x, torch.zeros((), device=self.device))
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        inputs = [m.input_size for m in metas]
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            if self.masked is not None:
+                out, finals = self.masked(x, inputs)
+            else:
+                out = self.module(x)
+                finals = [tuple(out.shape[-2:])] * len(metas)
+        out = out.float()
+        vectors = torch.empty(len(metas), self.dim, device=out.device)
+        groups: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+        for row, size in enumerate(finals):
+            groups[tuple(size)].append(row)
+        for (h, w), rows in groups.items():
+            index = torch.tensor(rows, device=out.device)
+            part = out.index_select(0, index)[:, :, :h, :w]  # (n, C, h, w)
+            vectors[index] = spatial_pyramid_pool(part, self.config.levels, self.config.pooling)  # type: ignore[arg-type]
+        for meta, size in zip(metas, finals, strict=True):
+            meta.feature_map_size = (int(size[0]), int(size[1]))
+        return vectors
+
+    def __call__(self, pixels: Tensor, metas: list[RowMeta]) -> list[Tensor | ImageError]:
+        """One result per image: its vector, or an out-of-memory failure. A batch that does not
+        fit is split in halves and retried; only a single image that still fails is recorded."""
+        try:
+            with torch.inference_mode():
+                vectors = self._run(pixels, metas)
+            return list(vectors.to("cpu", non_blocking=False).unbind(0))
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(metas) == 1:
+                return [ImageError("out_of_memory", "this image does not fit in device memory")]
+            half = len(metas) // 2
+            return self(pixels[:half], metas[:half]) + self(pixels[half:], metas[half:])
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class BackgroundWriter:
+    """Runs shard writes on a thread, in order, so HDF5 I/O overlaps compute."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="spp-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (task := self._queue.get()) is not None:
+            try:
+                if self.error is None:
+                    task()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                self.error = exc
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def submit(self, task: Callable[[], None]) -> None:
+        self.check()
+        self._queue.put(task)
+
+    def drain(self) -> None:
+        self._queue.join()
+        self.check()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _stat(ref: images.ImageRef) -> tuple[int, int]:
+    try:
+        st = os.stat(ref.path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
+class _Headers(Dataset):
+    def __init__(self, refs: Sequence[images.ImageRef]) -> None:
+        self.refs = refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> tuple[int, int] | None:
+        return images.read_size(self.refs[index].path)
+
+
+def _read_sizes(refs: Sequence[images.ImageRef], workers: int) -> list[tuple[int, int] | None]:
+    if workers == 0 or len(refs) < 64:
+        return [images.read_size(r.path) for r in refs]
+    loader = DataLoader(_Headers(refs), batch_size=64, num_workers=workers, collate_fn=list)
+    return [size for chunk in loader for size in chunk]
+
+
+def _partition(sizes: Sequence[tuple[int, int] | None], parts: int) -> list[int]:
+    """Cut points splitting the list into ``parts`` contiguous runs of about equal pixels."""
+    known = [h * w for s in sizes if s is not None for h, w in [s]]
+    typical = int(np.median(known)) if known else 1
+    cumulative = np.cumsum([s[0] * s[1] if s is not None else typical for s in sizes])
+    total = int(cumulative[-1]) if len(sizes) else 0
+    cuts = [0] + [int(np.searchsorted(cumulative, total * p / parts, side="left")) + 1
+                  for p in range(1, parts)] + [len(sizes)]  # fmt: skip
+    cuts = [min(max(c, 0), len(sizes)) for c in cuts]
+    return [max(cuts[: i + 1]) for i in range(len(cuts))]  # monotone
+
+
+def _read_run_toml(run_dir: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads((run_dir / "run.toml").read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def _write_run_toml(run_dir: Path, fp: dict[str, Any], config: dict[str, Any]) -> None:
+    text = "# spp-extract run: the values every resume of this run must match\n"
+    text += "[fingerprint]\n" + to_toml(fp) + "\n[config]\n" + to_toml(config)
+    tmp = run_dir / "run.toml.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, run_dir / "run.toml")
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in new if old.get(key) != new.get(key)]
+
+
+def _check_output(output: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other; pick one")
+    parent = output.parent
+    if not parent.is_dir():
+        raise ConfigError(f"output folder '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output folder '{parent}' is not writable; choose another -o")
+    if output.is_dir():
+        raise ConfigError(f"output '{output}' is a directory; give a file name like features.h5")
+    exists = output.exists() or shards_root(output).exists()
+    if exists and not (resume or overwrite):
+        raise ConfigError(
+            f"output '{output}' already exists; pass --resume to continue it or --overwrite to "
+            "replace it"
+        )
+
+
+def _run_dir(output: Path, fp: dict[str, Any], resume: bool) -> Path:
+    """The run to continue (newest, when resuming) or a new one. Raises on a mismatch."""
+    root = shards_root(output)
+    runs = sorted(p for p in root.glob("run-*") if p.is_dir()) if root.is_dir() else []
+    if resume and runs:
+        run_dir = runs[-1]
+        old = _read_run_toml(run_dir).get("fingerprint", {})
+        diff = _differences(old, fp)
+        if diff:
+            raise ConfigError(
+                f"--resume: the configuration differs from the run in {run_dir.name} ("
+                + "; ".join(diff) + "); use the same settings, or --overwrite to start again"
+            )
+        return run_dir
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return root / f"run-{stamp}-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def _signals() -> Iterator[list[int]]:
+    """Collect SIGINT/SIGTERM instead of dying; a second signal stops at once."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        if caught:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        caught.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _broadcast(ctx: Dist, value: Any) -> Any:
+    if not ctx.active:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def extract(
+    inputs: Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    *,
+    config: Config | None = None,
+    files_from: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    retry_failed: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Result:
+    """Extract one SPP vector per image into the HDF5 file ``output``.
+
+    Configuration problems raise ConfigError before anything is written; images that cannot
+    be used become failure records. ``progress(done, total)`` is called after each batch.
+    Under torchrun (WORLD_SIZE > 1) every rank calls this with the same arguments.
+    """
+    config = config or Config()
+    output = Path(output).absolute()
+    ctx = _dist_from_env()
+    started = time.monotonic()
+    resolved = resolve(config)
+    device = _device(config, ctx)
+    fp = fingerprint(config, resolved)
+    if config.weights == "none":
+        fp["seed"] = config.seed
+    if ctx.active and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    lock = OutputLock(output) if ctx.rank == 0 else None
+    try:
+        # Rank 0 checks what would be written; every rank learns the outcome.
+        setup: tuple[str, str | None] = ("", None)
+        if ctx.rank == 0:
+            try:
+                _check_output(output, resume, overwrite)
+                refs = images.find_images(inputs, files_from=files_from,
+                                          follow_symlinks=config.follow_symlinks)  # fmt: skip
+                if not refs:
+                    raise ConfigError("no images found in the inputs (looked for "
+                                      + ", ".join(sorted(images.IMAGE_EXTENSIONS)) + ")")
+                run_dir = _run_dir(output, fp, resume)
+                setup = (str(run_dir), None)
+            except SppError as exc:
+                setup = ("", f"{type(exc).__name__}:{exc}")
+        setup = _broadcast(ctx, setup)
+        if setup[1] is not None:
+            kind, _, message = setup[1].partition(":")
+            raise (ConfigError if kind == "ConfigError" else OutputError)(message)
+        run_dir = Path(setup[0])
+        if ctx.rank != 0:
+            refs = images.find_images(inputs, files_from=files_from,
+                                      follow_symlinks=config.follow_symlinks)  # fmt: skip
+        trunk = build_trunk(config)  # loads weights: may still raise ConfigError
+        # From here on, things are written.
+        error: str | None = None
+        if ctx.rank == 0:
+            try:
+                assert lock is not None
+                lock.acquire()
+                run_dir.mkdir(parents=True, exist_ok=True)
+                if remove_partial(run_dir):
+                    log.info("discarded half-written shards from an interrupted run")
+                _write_run_toml(run_dir, fp, resolved_config(config, resolved))
+            except SppError as exc:
+                error = str(exc)
+        error = _broadcast(ctx, (error, next_attempt(run_dir) if error is None else 0))
+        if error[0] is not None:
+            raise OutputError(error[0])
+        attempt = error[1]
+        with _signals() as caught:
+            processed, failures = _run_rank(
+                refs, run_dir, attempt, trunk, config, device, ctx, retry_failed, progress, caught
+            )
+        dim = spp_dim(trunk.channels, config.levels)
+        if ctx.active:
+            dist.barrier()
+        rows = failed = 0
+        if ctx.rank == 0:
+            attrs = run_attrs(
+                backbone=resolved.backbone, layer=resolved.layer, weights=resolved.weights,
+                levels=list(config.levels), pooling=config.pooling, channels=trunk.channels,
+                feature_dim=dim, dtype=config.dtype, mean=list(resolved.mean),
+                std=list(resolved.std), precision=config.precision,
+                config=to_toml(resolved_config(config, resolved)),
+                spp_extract_version=__version__, torch_version=str(torch.__version__),
+                torchvision_version=str(torchvision.__version__),
+            )  # fmt: skip
+            rows, failed = assemble(output, run_dir, [r.key_bytes for r in refs], dim,
+                                    config.dtype, attrs)  # fmt: skip
+            for other in shards_root(output).glob("run-*"):
+                if other != run_dir:  # an --overwrite'n run: the new file is in place now
+                    remove_tree(other)
+        rows, failed = _broadcast(ctx, (rows, failed))
+        return Result(output, rows, failed, dim, time.monotonic() - started, processed, failures)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_rank(
+    refs: Sequence[images.ImageRef], run_dir: Path, attempt: int, trunk: Trunk, config: Config,
+    device: torch.device, ctx: Dist, retry_failed: bool,
+    progress: Callable[[int, int], None] | None, caught: list[int],
+) -> tuple[int, list[tuple[str, str, str]]]:  # fmt: skip
+    """This rank's share: work out what is left, plan it, run it, commit shards."""
+    state = read_state(run_dir)
+    stats = [_stat(r) for r in refs]
+    todo = [i for i, r in enumerate(refs) if not state.done(r.key_bytes, *stats[i], retry_failed)]
+    workers = _workers(config, device, ctx)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, _cores() // ctx.local_world - workers))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = config.precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = config.precision != "fp32"
+    # Header sizes: each rank reads a strided share, then all share them.
+    mine = todo[ctx.rank :: ctx.world]
+    sizes_mine = _read_sizes([refs[i] for i in mine], workers)
+    if ctx.active:
+        gathered: list[Any] = [None] * ctx.world
+        dist.all_gather_object(gathered, sizes_mine)
+        sizes = [None] * len(todo)
+        for r, part in enumerate(gathered):
+            sizes[r :: ctx.world] = part
+    else:
+        sizes = sizes_mine
+    cuts = _partition(sizes, ctx.world)
+    lo, hi = cuts[ctx.rank], cuts[ctx.rank + 1]
+    work = [refs[i] for i in todo[lo:hi]]
+    work_sizes = [None if s is None else (max(s[0], trunk.min_side), max(s[1], trunk.min_side))
+                  for s in sizes[lo:hi]]  # fmt: skip
+    padded = config.batching == "padded" or (config.batching == AUTO and device.type == "cuda")
+    if padded and not (resolve_maskable(trunk)):
+        log.info("%s cannot use masked padding (it has global ops); batching identical sizes only",
+                 config.backbone)  # fmt: skip
+        padded = False
+    batch_size, batch_pixels = _batch_limits(config, device)
+    planner = Planner(work_sizes, padded=padded, batch_size=batch_size,
+                      batch_pixels=batch_pixels, commit_seconds=config.commit_seconds)  # fmt: skip
+    extractor = Extractor(trunk, config, device, padded=padded)
+    total = len(work)
+    if progress:
+        progress(0, total)
+    if not work:
+        return 0, []
+    writer = BackgroundWriter()
+    shards: dict[int, ShardWriter] = {}
+    failures: list[tuple[str, str, str]] = []
+    done = 0
+    current = -1
+    window_started = time.monotonic()
+
+    def shard_for(window: int) -> ShardWriter:
+        if window not in shards:
+            w = planner.windows[window]
+            keys = [r.key_bytes for r in work[w.start : w.stop]]
+            attrs = {"attempt": attempt, "rank": ctx.rank, "window": window}
+            box: list[ShardWriter] = []
+            writer.submit(lambda: box.append(ShardWriter(
+                run_dir, shard_name(attempt, ctx.rank, window), keys, extractor.dim, config.dtype,
+                attrs)))  # fmt: skip
+            writer.drain()
+            shards[window] = box[0]
+        return shards[window]
+
+    def commit(window: int) -> None:
+        shard = shards.pop(window, None)
+        if shard is not None:
+            writer.submit(shard.commit)
+
+    def record_failure(shard: ShardWriter, position: int, item: Item) -> None:
+        failures.append((work[item.index].key, item.meta.error_class, item.meta.error))
+        writer.submit(lambda: shard.fail(position, item.meta))
+
+    def handle(batch: Batch) -> None:
+        nonlocal done, current, window_started
+        indices = batch.indices + [it.index for it in batch.failures]
+        window = planner.window_of(indices[0])
+        if window != current:
+            if current >= 0:
+                elapsed = time.monotonic() - window_started
+                w = planner.windows[current]
+                planner.rate = (w.stop - w.start) / max(elapsed, 1e-3)
+                commit(current)
+            current, window_started = window, time.monotonic()
+        shard = shard_for(window)
+        start = planner.windows[window].start
+        for item in batch.failures:
+            record_failure(shard, item.index - start, item)
+        if batch.pixels is not None:
+            results = extractor(batch.pixels, batch.metas)
+            good_pos, good_vec, good_meta = [], [], []
+            for index, meta, result in zip(batch.indices, batch.metas, results, strict=True):
+                if isinstance(result, ImageError):
+                    meta.error_class, meta.error = result.kind, result.message
+                    record_failure(shard, index - start, Item(index, None, meta))
+                else:
+                    good_pos.append(index - start)
+                    good_vec.append(result.numpy())
+                    good_meta.append(meta)
+            if good_pos:
+                vectors = np.stack(good_vec)
+                writer.submit(lambda: shard.put(good_pos, vectors, good_meta))
+        done += len(indices)
+        if progress:
+            progress(done, total)
+
+    dataset = _Decode(work, trunk.min_side, config)
+    try:
+        while True:
+            loader = DataLoader(
+                dataset, batch_sampler=planner, num_workers=workers, collate_fn=_collate,
+                pin_memory=device.type == "cuda", timeout=config.decode_timeout if workers else 0,
+                prefetch_factor=4 if workers else None, persistent_workers=False,
+            )  # fmt: skip
+            try:
+                for batch in loader:
+                    planner.received()
+                    handle(batch)
+                    writer.check()
+                    if caught:
+                        raise Interrupted(caught[0], 0)
+                break
+            except RuntimeError as exc:
+                if workers == 0 or "DataLoader" not in str(exc):
+                    raise
+                # A decoder crashed or hung: isolate the images of the batch it was working on.
+                log.warning("a decode worker failed (%s); isolating its images", exc)
+                planner.rewind()
+                suspect = next(iter(planner))  # the first batch not received
+                planner.received()
+                handle(_collate([_isolated_decode(work[i], i, trunk.min_side, config)
+                                 for i in suspect]))  # fmt: skip
+        if current >= 0:
+            commit(current)
+        writer.drain()
+    except Interrupted as exc:
+        # Keep everything computed so far: the open shard is committed with its missing rows.
+        for window in list(shards):
+            commit(window)
+        writer.drain()
+        exc.args = (f"interrupted by {signal.Signals(exc.exit_code - 128).name}; work up to "
+                    "now is committed; rerun the same command with --resume to finish",)  # fmt: skip
+        raise
+    except BaseException:
+        for shard in shards.values():
+            writer.submit(shard.discard)
+        with contextlib.suppress(BaseException):
+            writer.drain()
+        raise
+    finally:
+        writer.close()
+    return total, failures
+
+
+def resolve_maskable(trunk: Trunk) -> bool:
+    return trunk.resolved.maskable and can_mask(trunk.module)

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from make_examples import _photo, make_examples  # noqa: E402
+
+from spp_extract import images  # noqa: E402
+from spp_extract.backbones import Trunk  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test sees an empty torch hub cache and no network for weights."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+@pytest.fixture(scope="session")
+def example_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("examples")
+    make_examples(folder)
+    return folder
+
+
+def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return _photo(height, width, seed)
+
+
+def loop_spp(x: torch.Tensor, levels: tuple[int, ...], mode: str) -> torch.Tensor:
+    """Reference SPP for x: (C, H, W): a plain loop over bins, [floor(i*a/n), ceil((i+1)*a/n))."""
+    c, h, w = x.shape
+    blocks = []
+    for n in levels:
+        block = torch.empty(c, n, n, dtype=x.dtype)
+        for i in range(n):
+            r0, r1 = math.floor(i * h / n), math.ceil((i + 1) * h / n)
+            for j in range(n):
+                c0, c1 = math.floor(j * w / n), math.ceil((j + 1) * w / n)
+                cell = x[:, r0:r1, c0:c1].reshape(c, -1)
+                block[:, i, j] = cell.amax(1) if mode == "max" else cell.mean(1)
+        blocks.append(block.flatten())
+    return torch.cat(blocks)
+
+
+def reference_vector(trunk: Trunk, path: Path, levels: tuple[int, ...], mode: str = "max") -> np.ndarray:
+    """That image alone: decode, normalise, pad to the trunk's minimum side, trunk, loop SPP."""
+    decoded = images.decode(str(path), max_pixels=10**9)
+    x = decoded.pixels.float().div(255)
+    mean = torch.tensor(trunk.resolved.mean).view(3, 1, 1)
+    std = torch.tensor(trunk.resolved.std).view(3, 1, 1)
+    x = (x - mean) / std
+    _, h, w = x.shape
+    padded = torch.zeros(3, max(h, trunk.min_side), max(w, trunk.min_side))
+    padded[:, :h, :w] = x
+    with torch.inference_mode():
+        fmap = trunk.module(padded[None])[0]
+    return loop_spp(fmap, levels, mode).numpy()
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))

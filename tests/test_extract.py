@@ -1,0 +1,113 @@
+"""End to end: each HDF5 row equals that image run alone through the trunk and a loop SPP."""
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import reference_vector, rel_err
+from torchvision.models import get_model
+
+from spp_extract import Config, extract, images, read_features
+from spp_extract.backbones import build_trunk
+
+EXPECTED = [
+    "cmyk.jpg", "deep_16bit.png", "gray.png", "landscape.jpg", "palette.gif", "portrait.png",
+    "rotated_exif.jpg", "strip_3x500.png", "sub/UPPER.TIFF", "sub/nested.bmp", "tiny_1x1.png",
+    "transparent.png",
+]  # fmt: skip
+
+
+def _check_against_reference(out: Path, config: Config, example_dir: Path) -> None:
+    trunk = build_trunk(config)
+    data = read_features(out)
+    assert data.paths == EXPECTED
+    assert data.failed_paths == []
+    assert data.features.shape == (len(EXPECTED), trunk.channels * sum(n * n for n in config.levels))
+    for row, name in enumerate(data.paths):
+        expected = reference_vector(trunk, example_dir / name, config.levels, config.pooling)
+        assert rel_err(data.features[row], expected) <= 1e-4, name
+        decoded = images.decode(str(example_dir / name), max_pixels=10**9)
+        assert tuple(data.image_size[row]) == tuple(decoded.pixels.shape[1:])
+
+
+@pytest.mark.parametrize(
+    "backbone, levels, pooling",
+    [("resnet18", (4, 2, 1), "max"), ("vgg11", (6, 3, 2, 1), "avg")],
+)
+def test_rows_equal_each_image_alone(tmp_path, example_dir, backbone, levels, pooling):
+    config = Config(backbone=backbone, weights="none", levels=levels, pooling=pooling, workers=0)
+    out = tmp_path / "features.h5"
+    result = extract([example_dir], out, config=config)
+    assert (result.images, result.failed) == (len(EXPECTED), 0)
+    _check_against_reference(out, config, example_dir)
+
+
+def test_state_dict_file_weights(tmp_path, example_dir):
+    torch.manual_seed(123)
+    model = get_model("resnet18", weights=None)
+    weights = tmp_path / "my_resnet18.pt"
+    torch.save(model.state_dict(), weights)
+    config = Config(backbone="resnet18", weights=str(weights), levels=(3, 1), workers=0)
+    out = tmp_path / "features.h5"
+    extract([example_dir], out, config=config)
+    _check_against_reference(out, config, example_dir)
+    # and the weights really were the file's, not a random init
+    seeded = read_features(out).features
+    extract([example_dir], tmp_path / "none.h5", config=config.replace(weights="none"))
+    assert rel_err(read_features(tmp_path / "none.h5").features, seeded) > 0.1
+
+
+def test_vectors_do_not_depend_on_batch_size_workers_or_batching(tmp_path, example_dir):
+    results = {}
+    for batch_size, workers, batching in [(1, 0, "same-size"), (8, 0, "same-size"),
+                                          (8, 2, "same-size"), (8, 2, "padded")]:  # fmt: skip
+        config = Config(backbone="resnet18", weights="none", batch_size=batch_size,
+                        workers=workers, batching=batching)  # fmt: skip
+        out = tmp_path / f"b{batch_size}-w{workers}-{batching}.h5"
+        extract([example_dir], out, config=config)
+        results[(batch_size, workers, batching)] = read_features(out)
+    base = results[(1, 0, "same-size")]
+    for data in results.values():
+        assert data.paths == base.paths
+        for row in range(len(base.paths)):
+            assert rel_err(data.features[row], base.features[row]) <= 1e-4, base.paths[row]
+
+
+def test_file_layout_and_attributes(tmp_path, example_dir):
+    config = Config(backbone="resnet18", weights="none", dtype="float16", levels=(2, 1), workers=0)
+    out = tmp_path / "f.h5"
+    extract([example_dir], out, config=config)
+    with h5py.File(out, "r") as f:
+        assert f["features"].dtype == np.float16
+        assert f["features"].shape == (12, 512 * 5)
+        for name in ("paths", "path_bytes", "image_size", "feature_map_size", "input_size",
+                     "mode", "failed/paths", "failed/errors", "failed/error_class"):  # fmt: skip
+            assert name in f, name
+        assert f["image_size"].dtype == np.int32 and f["image_size"].shape == (12, 2)
+        attrs = f.attrs
+        assert attrs["format_version"] == 1
+        assert (attrs["backbone"], attrs["layer"], attrs["weights"]) == ("resnet18", "layer4", "none")
+        assert list(attrs["levels"]) == [2, 1] and attrs["pooling"] == "max"
+        assert attrs["channels"] == 512 and attrs["feature_dim"] == 2560
+        assert attrs["dtype"] == "float16"
+        assert 'backbone = "resnet18"' in attrs["config"]
+        for key in ("spp_extract_version", "torch_version", "torchvision_version", "created"):
+            assert attrs[key]
+        paths = list(f["paths"].asstr()[:])
+        rotated = paths.index("rotated_exif.jpg")
+        assert tuple(f["image_size"][rotated]) == (160, 120)  # displayed size, EXIF applied
+        tiny = paths.index("tiny_1x1.png")
+        assert tuple(f["image_size"][tiny]) == (1, 1) and tuple(f["feature_map_size"][tiny]) == (1, 1)
+        modes = dict(zip(paths, f["mode"].asstr()[:], strict=True))
+        assert modes["cmyk.jpg"] == "CMYK" and modes["deep_16bit.png"] == "I;16"
+
+
+def test_rows_are_sorted_and_keyed_by_relative_path(tmp_path, example_dir):
+    out = tmp_path / "f.h5"
+    extract([example_dir, example_dir / "sub" / "nested.bmp"], out,
+            config=Config(backbone="resnet18", weights="none", workers=0))  # fmt: skip
+    paths = read_features(out).paths
+    assert paths == sorted(paths, key=lambda p: p.encode())
+    assert str(example_dir / "sub" / "nested.bmp") in paths  # given directly: stored as given
