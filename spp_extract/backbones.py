@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import os
 import urllib.parse
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import Tensor, nn
-from torchvision.models import get_model, get_model_weights, list_models
+from torchvision.models import get_model as _tv_get_model
+from torchvision.models import get_model_weights, list_models
 
 from .config import Config
 from .errors import ConfigError
@@ -110,6 +112,13 @@ FAMILIES = (
     Family("inception_v3", _inception3, "Mixed_7c", False),  # functional pooling in blocks
 )
 REFUSED = ("vit_", "swin_", "maxvit_")  # attention over fixed-size patch grids
+
+
+def get_model(name: str, **kwargs: object) -> nn.Module:
+    with warnings.catch_warnings():
+        # GoogLeNet/Inception warn that their default init will change; irrelevant here.
+        warnings.filterwarnings("ignore", message="The default weight initialization")
+        return _tv_get_model(name, **kwargs)
 
 
 def family_of(name: str) -> Family | None:

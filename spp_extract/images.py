@@ -216,7 +216,7 @@ def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Deco
             st = os.fstat(fh.fileno())
             if st.st_size == 0:
                 raise ImageError("empty_file", "file is empty (0 bytes)")
-            Image.MAX_IMAGE_PIXELS = max_pixels
+            Image.MAX_IMAGE_PIXELS = None  # our own check in _load() names max_pixels
             truncated = False
             try:
                 with warnings.catch_warnings():
@@ -224,7 +224,7 @@ def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Deco
                     img, mode = _load(fh, max_pixels)
             except OSError as exc:
                 message = str(exc)
-                if "truncated" not in message and "broken data stream" not in message:
+                if "truncated" not in message.lower() and "broken data stream" not in message:
                     raise
                 if not allow_truncated:
                     raise ImageError("truncated", f"truncated file: {message}") from None
