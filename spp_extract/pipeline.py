@@ -202,7 +202,7 @@ class Planner:
 
     def _window_size(self) -> int:
         if self.rate is None:
-            return max(2 * self.batch_size, 16)
+            return 2 * self.batch_size  # a first commit soon; then sized by measured speed
         return max(self.batch_size, min(100_000, int(self.rate * self.commit_seconds)))
 
     def _plan_window(self, start: int, stop: int) -> list[list[int]]:
@@ -273,7 +273,9 @@ def _decode_item(ref: images.ImageRef, index: int, min_side: int, config: Config
         decoded = images.decode(ref.path, max_pixels=config.max_pixels,
                                 allow_truncated=config.allow_truncated)  # fmt: skip
     except ImageError as exc:
-        return Item(index, None, RowMeta(error_class=exc.kind, error=exc.message))
+        size, mtime = _stat(ref)  # so that a resume knows whether the file changed since
+        return Item(index, None, RowMeta(error_class=exc.kind, error=exc.message,
+                                         file_size=size, mtime_ns=mtime))  # fmt: skip
     _, height, width = decoded.pixels.shape
     meta = RowMeta(
         image_size=(height, width),
@@ -345,13 +347,15 @@ def _isolated_decode(ref: images.ImageRef, index: int, min_side: int, config: Co
                 pass
         else:
             process.kill()
-            return Item(index, None, RowMeta(error_class="decode_timeout",
-                        error=f"decoding took longer than {config.decode_timeout:g} s"))  # fmt: skip
+            return Item(index, None, RowMeta(
+                error_class="decode_timeout", error=f"decoding took longer than {config.decode_timeout:g} s",
+                file_size=_stat(ref)[0], mtime_ns=_stat(ref)[1]))  # fmt: skip
     finally:
         process.join(5)
         parent.close()
     return Item(index, None, RowMeta(
-        error_class="decoder_crashed", error=f"the decoder process died (exit {process.exitcode})"))
+        error_class="decoder_crashed", error=f"the decoder process died (exit {process.exitcode})",
+        file_size=_stat(ref)[0], mtime_ns=_stat(ref)[1]))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- compute
@@ -533,6 +537,8 @@ def _check_output(output: Path, resume: bool, overwrite: bool) -> None:
         raise ConfigError(f"output folder '{parent}' is not writable; choose another -o")
     if output.is_dir():
         raise ConfigError(f"output '{output}' is a directory; give a file name like features.h5")
+    if OutputLock(output).held_elsewhere():
+        OutputLock(output).acquire()  # raises the explanation
     exists = output.exists() or shards_root(output).exists()
     if exists and not (resume or overwrite):
         raise ConfigError(
@@ -649,6 +655,8 @@ def extract(
                 assert lock is not None
                 lock.acquire()
                 run_dir.mkdir(parents=True, exist_ok=True)
+                for stale in output.parent.glob(f".{output.name}.*.tmp"):
+                    stale.unlink(missing_ok=True)  # a view or merge killed before its rename
                 if remove_partial(run_dir):
                     log.info("discarded half-written shards from an interrupted run")
                 _write_run_toml(run_dir, fp, resolved_config(config, resolved))

@@ -62,8 +62,15 @@ def _text(key_bytes: bytes) -> str:
     return key_bytes.decode("utf-8", errors="replace")
 
 
-def _disk_error(exc: OSError, path: Path) -> OutputError:
-    full = exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
+def _check_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise _disk_error(OSError(errno.ENOSPC, f"{free} bytes free, {needed} needed"), directory)
+
+
+def _disk_error(exc: Exception, path: Path) -> OutputError:
+    code = getattr(exc, "errno", None)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) or "errno = 28" in str(exc)
     what = "the disk is full" if full else f"cannot write ({exc})"
     return OutputError(
         f"stopped: {what} while writing {path}; everything committed so far is kept — free "
@@ -87,10 +94,21 @@ class OutputLock:
         except OSError:
             os.close(fd)
             raise OutputError(
-                f"another spp-extract run is writing {self.path.parent.with_suffix('')} "
-                f"(lock {self.path}); wait for it to finish or stop it first"
+                f"another spp-extract run is writing this output (it holds {self.path}); wait "
+                "for it to finish or stop it first"
             ) from None
         self._fd = fd
+
+    def held_elsewhere(self) -> bool:
+        """True if another process holds the lock (checked without creating anything)."""
+        if self._fd is not None or not self.path.exists():
+            return False
+        try:
+            self.acquire()
+        except OutputError:
+            return True
+        self.release()
+        return False
 
     def release(self) -> None:
         if self._fd is not None:
@@ -127,6 +145,9 @@ class ShardWriter:
         self.status = np.zeros(len(keys), np.int8)
         self.meta: list[RowMeta | None] = [None] * len(keys)
         self.dtype = np.dtype(dtype)
+        # HDF5 does not recover from a write that runs out of space (errors at flush, crashes
+        # at close), so refuse up front when the whole shard would not fit.
+        _check_space(directory, len(keys) * (dim * self.dtype.itemsize + 512) + (1 << 20))
         try:
             self._file = h5py.File(self.tmp, "w", libver="latest")
             rows = max(1, min(len(keys), (1 << 20) // max(1, dim * self.dtype.itemsize)))
@@ -134,7 +155,7 @@ class ShardWriter:
                 "features", shape=(len(keys), dim), dtype=self.dtype, chunks=(rows, dim)
             )
             self._file.attrs.update(attrs)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             raise _disk_error(exc, self.tmp) from None
 
     def put(self, positions: Sequence[int], vectors: np.ndarray, metas: Sequence[RowMeta]) -> None:
@@ -142,7 +163,7 @@ class ShardWriter:
         order = np.argsort(positions)
         try:
             self._features[np.asarray(positions)[order]] = vectors[order].astype(self.dtype)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             raise _disk_error(exc, self.tmp) from None
         for position, meta in zip(positions, metas, strict=True):
             self.status[position] = STATUS_OK
@@ -177,7 +198,7 @@ class ShardWriter:
                 os.fsync(fh.fileno())
             os.replace(self.tmp, self.final)
             fsync_dir(self.final.parent)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             self.discard()
             raise _disk_error(exc, self.tmp) from None
         return self.final
@@ -308,6 +329,7 @@ def assemble(
     ok = [(k, r) for k, r in records if r.status == STATUS_OK]
     failed = [(k, r) for k, r in records if r.status == STATUS_FAILED]
     tmp = _atomic_h5(output)
+    _check_space(output.parent, len(records) * 400 + (1 << 20))
     try:
         handles = {i: h5py.File(p, "r") for i, p in enumerate(state.shards)}
         try:
@@ -329,7 +351,7 @@ def assemble(
             for handle in handles.values():
                 handle.close()
         _finish_atomic(tmp, output)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
         raise _disk_error(exc, output) from None
     return len(ok), len(failed)
@@ -405,7 +427,7 @@ def merge(source: Path, dest: Path, *, block_rows: int = 1024) -> int:
             if "shards" in out.attrs:
                 del out.attrs["shards"]
         _finish_atomic(tmp, dest)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
         raise _disk_error(exc, dest) from None
     return n

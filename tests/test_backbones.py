@@ -9,7 +9,12 @@ from torchvision.models import get_model, get_model_weights
 
 from spp_extract import Config, ConfigError, extract, read_features
 from spp_extract.backbones import (
-    FAMILIES, build_trunk, describe, expected_cache_file, resolve, supported_backbones,
+    FAMILIES,
+    build_trunk,
+    describe,
+    expected_cache_file,
+    resolve,
+    supported_backbones,
 )  # fmt: skip
 
 

@@ -1,0 +1,107 @@
+"""Runs the CLI with a fault injected at a chosen moment (used by test_resume.py).
+
+    python crash_runner.py FAULT -- spp-extract arguments...
+
+FAULT is one of:
+  kill-in-commit:N    SIGKILL inside the N-th shard commit, after its data is written but
+                      before the rename (N counts from 1)
+  kill-after-commit:N SIGKILL right after the N-th shard commit
+  kill-in-assemble    SIGKILL while the final view is written, before its rename
+  kill-in-put:N       SIGKILL inside the N-th vector write
+  enospc-in-put:N     the N-th vector write fails with ENOSPC (disk full)
+  slow:SECONDS        every decode sleeps this long (to signal a run mid-way)
+  none
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+import time
+
+from spp_extract import images, writer
+from spp_extract.cli import main
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _count_then(n: int, action, original):  # noqa: ANN001, ANN202
+    calls = [0]
+
+    def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls[0] += 1
+        if calls[0] == n:
+            return action(original, *args, **kwargs)
+        return original(*args, **kwargs)
+
+    return wrapped
+
+
+def install(fault: str) -> None:
+    name, _, arg = fault.partition(":")
+    if name == "kill-in-commit":
+        original_replace = os.replace
+
+        def replace_then_maybe_kill(count=[0]):  # noqa: B006, ANN001, ANN202
+            def replace(src, dst):  # noqa: ANN001, ANN202
+                if str(src).endswith(".h5.tmp") and ".shards" in str(src):
+                    count[0] += 1
+                    if count[0] == int(arg):
+                        _kill()
+                return original_replace(src, dst)
+
+            return replace
+
+        writer.os.replace = replace_then_maybe_kill()  # type: ignore[attr-defined]
+    elif name == "kill-after-commit":
+        def after(original, self):  # noqa: ANN001, ANN202
+            result = original(self)
+            _kill()
+            return result
+
+        writer.ShardWriter.commit = _count_then(int(arg), after, writer.ShardWriter.commit)
+    elif name == "kill-in-assemble":
+        original_finish = writer._finish_atomic
+
+        def finish(tmp, path):  # noqa: ANN001, ANN202
+            _kill()
+            original_finish(tmp, path)
+
+        writer._finish_atomic = finish
+    elif name in ("kill-in-put", "enospc-in-put"):
+        class _Full:
+            def __setitem__(self, _key, _value):  # noqa: ANN001, ANN204
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        def fault_put(original, shard, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if name == "kill-in-put":
+                _kill()
+            real, shard._features = shard._features, _Full()
+            try:
+                return original(shard, *args, **kwargs)
+            finally:
+                shard._features = real
+
+        writer.ShardWriter.put = _count_then(int(arg), fault_put, writer.ShardWriter.put)
+    elif name == "slow":
+        original_decode = images.decode
+
+        def slow_decode(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            time.sleep(float(arg))
+            return original_decode(*args, **kwargs)
+
+        images.decode = slow_decode
+    elif name != "none":
+        raise SystemExit(f"unknown fault {fault!r}")
+
+
+if __name__ == "__main__":
+    fault = sys.argv[1]
+    assert sys.argv[2] == "--"
+    sys.argv = ["spp-extract", *sys.argv[3:]]
+    install(fault)
+    main()
