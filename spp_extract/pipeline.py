@@ -812,8 +812,9 @@ def _run_rank(
                 pin_memory=device.type == "cuda", timeout=config.decode_timeout if workers else 0,
                 prefetch_factor=4 if workers else None, persistent_workers=False,
             )  # fmt: skip
+            batches = iter(loader)
             try:
-                for batch in loader:
+                for batch in batches:
                     planner.received()
                     handle(batch)
                     writer.check()
@@ -825,6 +826,7 @@ def _run_rank(
                     raise
                 # A decoder crashed or hung: isolate the images of the batch it was working on.
                 log.warning("a decode worker failed (%s); isolating its images", exc)
+                del batches  # shuts the remaining workers down (a hung one is terminated)
                 planner.rewind()
                 suspect = next(iter(planner))  # the first batch not received
                 planner.received()

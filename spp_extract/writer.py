@@ -8,6 +8,9 @@ all (appending to one HDF5 file did not survive SIGKILL in our tests). When the 
 over the shards (fill value NaN, so a missing shard can never read as plausible zeros); all
 other datasets are real copies. ``merge`` writes a self-contained copy.
 
+HDF5's own file locks are off for these files (``locking=False``): forked decode workers
+inherit open descriptors and would keep them locked; ``OutputLock`` guards the output instead.
+
 This is the only module that knows h5py.
 """
 
@@ -149,7 +152,7 @@ class ShardWriter:
         # at close), so refuse up front when the whole shard would not fit.
         _check_space(directory, len(keys) * (dim * self.dtype.itemsize + 512) + (1 << 20))
         try:
-            self._file = h5py.File(self.tmp, "w", libver="latest")
+            self._file = h5py.File(self.tmp, "w", libver="latest", locking=False)
             rows = max(1, min(len(keys), (1 << 20) // max(1, dim * self.dtype.itemsize)))
             self._features = self._file.create_dataset(
                 "features", shape=(len(keys), dim), dtype=self.dtype, chunks=(rows, dim)
@@ -271,7 +274,7 @@ def read_state(run_dir: Path) -> RunState:
     state = RunState(shards)
     for index, path in enumerate(shards):
         try:
-            with h5py.File(path, "r") as f:
+            with h5py.File(path, "r", locking=False) as f:
                 keys = [bytes(k) for k in f["path_bytes"][:]]
                 status = f["status"][:]
                 sizes = f["file_size"][:]
@@ -331,9 +334,9 @@ def assemble(
     tmp = _atomic_h5(output)
     _check_space(output.parent, len(records) * 400 + (1 << 20))
     try:
-        handles = {i: h5py.File(p, "r") for i, p in enumerate(state.shards)}
+        handles = {i: h5py.File(p, "r", locking=False) for i, p in enumerate(state.shards)}
         try:
-            with h5py.File(tmp, "w") as out:
+            with h5py.File(tmp, "w", locking=False) as out:
                 layout = h5py.VirtualLayout(shape=(len(ok), dim), dtype=np.dtype(dtype))
                 for shard, row, count, start in _runs((r.shard, r.row) for _, r in ok):
                     source_path = os.path.relpath(state.shards[shard], output.parent)
