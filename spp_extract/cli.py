@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -84,9 +85,11 @@ def extract(
         if not inputs and files_from is None:
             raise ConfigError("no inputs; give image folders or files, or --files-from LIST")
 
+        main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
+
         def progress(done: int, total: int) -> None:
             nonlocal bar
-            if quiet:
+            if quiet or not main_rank:
                 return
             if bar is None:
                 from tqdm import tqdm
@@ -108,7 +111,7 @@ def extract(
         raise _fail(exc) from None
     if bar is not None:
         bar.close()
-    if not quiet:
+    if not quiet and main_rank:
         typer.echo(
             f"{result.images} images, {result.failed} failed, {result.feature_dim}-dim vectors, "
             f"{result.seconds:.1f} s -> {result.output}", err=True,

@@ -621,7 +621,10 @@ def extract(
     fp = fingerprint(config, resolved)
     if config.weights == "none":
         fp["seed"] = config.seed
-    if ctx.active and not dist.is_initialized():
+    own_group = ctx.active and not dist.is_initialized()
+    if own_group:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     lock = OutputLock(output) if ctx.rank == 0 else None
     try:
@@ -644,12 +647,11 @@ def extract(
             kind, _, message = setup[1].partition(":")
             raise (ConfigError if kind == "ConfigError" else OutputError)(message)
         run_dir = Path(setup[0])
-        if ctx.rank != 0:
-            refs = images.find_images(inputs, files_from=files_from,
-                                      follow_symlinks=config.follow_symlinks)  # fmt: skip
+        refs = _broadcast(ctx, refs if ctx.rank == 0 else None)  # one list, the same everywhere
         trunk = build_trunk(config)  # loads weights: may still raise ConfigError
         # From here on, things are written.
         error: str | None = None
+        attempt = 0
         if ctx.rank == 0:
             try:
                 assert lock is not None
@@ -660,12 +662,12 @@ def extract(
                 if remove_partial(run_dir):
                     log.info("discarded half-written shards from an interrupted run")
                 _write_run_toml(run_dir, fp, resolved_config(config, resolved))
+                attempt = next_attempt(run_dir)
             except SppError as exc:
                 error = str(exc)
-        error = _broadcast(ctx, (error, next_attempt(run_dir) if error is None else 0))
-        if error[0] is not None:
-            raise OutputError(error[0])
-        attempt = error[1]
+        error, attempt = _broadcast(ctx, (error, attempt))
+        if error is not None:
+            raise OutputError(error)
         with _signals() as caught:
             processed, failures = _run_rank(
                 refs, run_dir, attempt, trunk, config, device, ctx, retry_failed, progress, caught
@@ -694,6 +696,8 @@ def extract(
     finally:
         if lock is not None:
             lock.release()
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _run_rank(
@@ -702,9 +706,13 @@ def _run_rank(
     progress: Callable[[int, int], None] | None, caught: list[int],
 ) -> tuple[int, list[tuple[str, str, str]]]:  # fmt: skip
     """This rank's share: work out what is left, plan it, run it, commit shards."""
-    state = read_state(run_dir)
-    stats = [_stat(r) for r in refs]
-    todo = [i for i, r in enumerate(refs) if not state.done(r.key_bytes, *stats[i], retry_failed)]
+    todo: list[int] | None = None
+    if ctx.rank == 0:
+        state = read_state(run_dir)
+        stats = [_stat(r) for r in refs]
+        todo = [i for i, r in enumerate(refs) if not state.done(r.key_bytes, *stats[i], retry_failed)]
+    todo = _broadcast(ctx, todo)
+    assert todo is not None
     workers = _workers(config, device, ctx)
     if device.type == "cpu":
         torch.set_num_threads(max(1, _cores() // ctx.local_world - workers))

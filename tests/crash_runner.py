@@ -10,6 +10,7 @@ FAULT is one of:
   kill-in-put:N       SIGKILL inside the N-th vector write
   enospc-in-put:N     the N-th vector write fails with ENOSPC (disk full)
   slow:SECONDS        every decode sleeps this long (to signal a run mid-way)
+  rank=N/FAULT        FAULT in torchrun rank N only
   none
 """
 
@@ -101,6 +102,10 @@ def install(fault: str) -> None:
 
 if __name__ == "__main__":
     fault = sys.argv[1]
+    if fault.startswith("rank="):  # rank=N/FAULT: only that torchrun rank gets the fault
+        rank, _, fault = fault.removeprefix("rank=").partition("/")
+        if os.environ.get("RANK", "0") != rank:
+            fault = "none"
     assert sys.argv[2] == "--"
     sys.argv = ["spp-extract", *sys.argv[3:]]
     install(fault)
