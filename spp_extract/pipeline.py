@@ -370,7 +370,8 @@ class Extractor:
         self.config = config
         self.device = device
         self.module = trunk.module.to(device)
-        if device.type == "cuda":
+        self.channels_last = device.type in ("cuda", "cpu")
+        if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.masked = MaskedTrunk(self.module) if padded else None
         self.mean = torch.tensor(trunk.resolved.mean, device=device).view(1, 3, 1, 1)
@@ -389,7 +390,7 @@ class Extractor:
             valid = torch.tensor(sizes, device=self.device)
             mask = (rows[None, :] < valid[:, :1])[:, :, None] & (cols[None, :] < valid[:, 1:])[:, None, :]
             x = torch.where(mask[:, None], x, torch.zeros((), device=self.device))
-        if self.device.type == "cuda":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         inputs = [m.input_size for m in metas]
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
