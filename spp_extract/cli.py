@@ -171,37 +171,15 @@ def inspect(
     rows: Annotated[int, typer.Option(help="How many rows to show.")] = 3,
 ) -> None:
     """Print count, dimension, configuration, failures and a few rows of an output file."""
-    import h5py
-
-    from .writer import check_sources
+    from .writer import check_sources, summary
 
     try:
         if not path.is_file():
             raise ConfigError(f"'{path}' does not exist")
         check_sources(path)
+        typer.echo("\n".join(summary(path, rows)))
     except SppError as exc:
         raise _fail(exc) from None
-    with h5py.File(path, "r") as f:
-        features = f["features"]
-        layout = f.attrs.get("layout", "?")
-        typer.echo(f"{path}: {features.shape[0]} images, {features.shape[1]}-dim {features.dtype}, layout {layout}")
-        typer.echo("configuration:")
-        for line in str(f.attrs.get("config", "")).splitlines():
-            typer.echo(f"  {line}")
-        for key in ("spp_extract_version", "torch_version", "torchvision_version", "created"):
-            typer.echo(f"{key}: {f.attrs.get(key)}")
-        failed = f["failed/paths"].asstr()[:]
-        kinds = f["failed/error_class"].asstr()[:]
-        errors = f["failed/errors"].asstr()[:]
-        typer.echo(f"failures: {len(failed)}")
-        for p, k, e in zip(failed, kinds, errors, strict=True):
-            typer.echo(f"  {p}: {k}: {e}")
-        paths = f["paths"].asstr()
-        for i in range(min(rows, features.shape[0])):
-            vector = features[i]
-            head = ", ".join(f"{v:.4g}" for v in vector[:4])
-            typer.echo(f"row {i}: {paths[i]}  size {tuple(int(v) for v in f['image_size'][i])}  "
-                       f"map {tuple(int(v) for v in f['feature_map_size'][i])}  [{head}, ...]")  # fmt: skip
 
 
 @app.command()

@@ -312,13 +312,29 @@ class Batch:
         return self
 
 
-def _collate(items: list[Item]) -> Batch:
+class Collate:
+    """Items -> one zero-padded uint8 batch. ``multiple`` > 1 rounds the padded size up to a
+    multiple of it (padded batching), so batch shapes repeat and cuDNN's autotuner pays off."""
+
+    def __init__(self, multiple: int = 1) -> None:
+        self.multiple = multiple
+
+    def __call__(self, items: list[Item]) -> Batch:
+        sizes = {it.meta.input_size for it in items if it.pixels is not None}
+        return _collate(items, self.multiple if len(sizes) > 1 else 1)  # same sizes: no padding
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _collate(items: list[Item], multiple: int = 1) -> Batch:
     good = [it for it in items if it.pixels is not None]
     failures = [it for it in items if it.pixels is None]
     if not good:
         return Batch([], None, [], failures)
-    height = max(it.meta.input_size[0] for it in good)
-    width = max(it.meta.input_size[1] for it in good)
+    height = _round_up(max(it.meta.input_size[0] for it in good), multiple)
+    width = _round_up(max(it.meta.input_size[1] for it in good), multiple)
     pixels = torch.zeros(len(good), 3, height, width, dtype=torch.uint8)
     for row, it in enumerate(good):
         assert it.pixels is not None
@@ -717,10 +733,6 @@ def _run_rank(
     workers = _workers(config, device, ctx)
     if device.type == "cpu":
         torch.set_num_threads(max(1, _cores() // ctx.local_world - workers))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = config.precision != "fp32"
-        torch.backends.cudnn.allow_tf32 = config.precision != "fp32"
     # Header sizes: each rank reads a strided share, then all share them.
     mine = todo[ctx.rank :: ctx.world]
     sizes_mine = _read_sizes([refs[i] for i in mine], workers)
@@ -742,6 +754,13 @@ def _run_rank(
         log.info("%s cannot use masked padding (it has global ops); batching identical sizes only",
                  config.backbone)  # fmt: skip
         padded = False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = config.precision != "fp32"  # fp32 stays exact
+        torch.backends.cudnn.allow_tf32 = config.precision != "fp32"
+        # Padded batches come in few shapes (64-px buckets), so autotuning pays; exact sizes
+        # would tune for every new shape.
+        torch.backends.cudnn.benchmark = padded
     batch_size, batch_pixels = _batch_limits(config, device)
     planner = Planner(work_sizes, padded=padded, batch_size=batch_size,
                       batch_pixels=batch_pixels, commit_seconds=config.commit_seconds)  # fmt: skip
@@ -817,7 +836,8 @@ def _run_rank(
     try:
         while True:
             loader = DataLoader(
-                dataset, batch_sampler=planner, num_workers=workers, collate_fn=_collate,
+                dataset, batch_sampler=planner, num_workers=workers,
+                collate_fn=Collate(BUCKET if padded else 1),
                 pin_memory=device.type == "cuda", timeout=config.decode_timeout if workers else 0,
                 prefetch_factor=4 if workers else None, persistent_workers=False,
             )  # fmt: skip

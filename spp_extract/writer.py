@@ -465,6 +465,30 @@ def read_features(path: str | os.PathLike[str]) -> Features:
         )
 
 
+def summary(path: Path, rows: int = 3) -> list[str]:
+    """Human-readable lines for `spp-extract inspect`."""
+    with h5py.File(path, "r") as f:
+        features = f["features"]
+        n, dim = features.shape
+        lines = [f"{path}: {n} images, {dim}-dim {features.dtype}, layout {f.attrs.get('layout', '?')}",
+                 "configuration:"]  # fmt: skip
+        lines += [f"  {line}" for line in str(f.attrs.get("config", "")).splitlines()]
+        for key in ("spp_extract_version", "torch_version", "torchvision_version", "created"):
+            lines.append(f"{key}: {f.attrs.get(key)}")
+        failed = f["failed"]
+        lines.append(f"failures: {failed['paths'].shape[0]}")
+        for p, k, e in zip(failed["paths"].asstr()[:], failed["error_class"].asstr()[:],
+                           failed["errors"].asstr()[:], strict=True):  # fmt: skip
+            lines.append(f"  {p}: {k}: {e}")
+        paths = f["paths"].asstr()
+        for i in range(min(rows, n)):
+            head = ", ".join(f"{v:.4g}" for v in features[i][:4])
+            size = tuple(int(v) for v in f["image_size"][i])
+            fmap = tuple(int(v) for v in f["feature_map_size"][i])
+            lines.append(f"row {i}: {paths[i]}  size {size}  map {fmap}  [{head}, ...]")
+    return lines
+
+
 def run_attrs(**values: Any) -> dict[str, Any]:
     """Root attributes: HDF5 wants arrays, not tuples, and no None."""
     attrs: dict[str, Any] = {"format_version": FORMAT_VERSION,
