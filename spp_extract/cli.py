@@ -99,6 +99,9 @@ def extract(
 
         result = run(inputs or [], output, config=cfg, files_from=files_from, resume=resume,
                      overwrite=overwrite, retry_failed=retry_failed, progress=progress)  # fmt: skip
+    except KeyboardInterrupt:  # before anything was written (loading the model, say)
+        typer.echo("spp-extract: interrupted before any work was done", err=True)
+        raise typer.Exit(130) from None
     except SppError as exc:
         if bar is not None:
             bar.close()

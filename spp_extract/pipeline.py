@@ -583,11 +583,10 @@ def _run_dir(output: Path, fp: dict[str, Any], resume: bool) -> Path:
 
 
 @contextlib.contextmanager
-def _signals() -> Iterator[list[int]]:
-    """Collect SIGINT/SIGTERM instead of dying; a second signal stops at once."""
-    caught: list[int] = []
+def _signals(caught: list[int]) -> Iterator[None]:
+    """Collect SIGINT/SIGTERM into ``caught`` instead of dying; a second one stops at once."""
     if threading.current_thread() is not threading.main_thread():
-        yield caught
+        yield
         return
 
     def handler(signum: int, _frame: Any) -> None:
@@ -598,7 +597,7 @@ def _signals() -> Iterator[list[int]]:
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield caught
+        yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -644,6 +643,8 @@ def extract(
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     lock = OutputLock(output) if ctx.rank == 0 else None
+    caught: list[int] = []
+    stack = contextlib.ExitStack()
     try:
         # Rank 0 checks what would be written; every rank learns the outcome.
         setup: tuple[str, str | None] = ("", None)
@@ -666,7 +667,8 @@ def extract(
         run_dir = Path(setup[0])
         refs = _broadcast(ctx, refs if ctx.rank == 0 else None)  # one list, the same everywhere
         trunk = build_trunk(config)  # loads weights: may still raise ConfigError
-        # From here on, things are written.
+        # From here on, things are written; a signal is noted, and acted on between batches.
+        stack.enter_context(_signals(caught))
         error: str | None = None
         attempt = 0
         if ctx.rank == 0:
@@ -685,10 +687,9 @@ def extract(
         error, attempt = _broadcast(ctx, (error, attempt))
         if error is not None:
             raise OutputError(error)
-        with _signals() as caught:
-            processed, failures = _run_rank(
-                refs, run_dir, attempt, trunk, config, device, ctx, retry_failed, progress, caught
-            )
+        processed, failures = _run_rank(
+            refs, run_dir, attempt, trunk, config, device, ctx, retry_failed, progress, caught
+        )
         dim = spp_dim(trunk.channels, config.levels)
         if ctx.active:
             dist.barrier()
@@ -711,6 +712,7 @@ def extract(
         rows, failed = _broadcast(ctx, (rows, failed))
         return Result(output, rows, failed, dim, time.monotonic() - started, processed, failures)
     finally:
+        stack.close()
         if lock is not None:
             lock.release()
         if own_group and dist.is_initialized():
@@ -782,12 +784,9 @@ def _run_rank(
             w = planner.windows[window]
             keys = [r.key_bytes for r in work[w.start : w.stop]]
             attrs = {"attempt": attempt, "rank": ctx.rank, "window": window}
-            box: list[ShardWriter] = []
-            writer.submit(lambda: box.append(ShardWriter(
-                run_dir, shard_name(attempt, ctx.rank, window), keys, extractor.dim, config.dtype,
-                attrs)))  # fmt: skip
-            writer.drain()
-            shards[window] = box[0]
+            # h5py serialises calls itself, so the writer thread may be busy with the last one
+            shards[window] = ShardWriter(run_dir, shard_name(attempt, ctx.rank, window), keys,
+                                         extractor.dim, config.dtype, attrs)  # fmt: skip
         return shards[window]
 
     def commit(window: int) -> None:
