@@ -104,7 +104,7 @@ class MaskedTrunk:
 
     def _mask(self, index: int, which: int, x: Tensor) -> Tensor:
         assert self._batch is not None
-        valid = self._batch[2 * index + which].to(x.device)  # (N, 2)
+        valid = self._batch[2 * index + which]  # (N, 2), on x's device
         rows = torch.arange(x.shape[-2], device=x.device)
         cols = torch.arange(x.shape[-1], device=x.device)
         inside_rows = rows[None, :] < valid[:, :1]  # (N, H)
@@ -138,7 +138,7 @@ class MaskedTrunk:
             return self.trunk(x), finals  # nothing padded: no masks needed
         # (N, 2, 2P+1) -> (2P+1, N, 2)
         table = torch.tensor([[rows, cols] for rows, cols in traces], dtype=torch.int64)
-        self._batch = table.permute(2, 0, 1).contiguous()
+        self._batch = table.permute(2, 0, 1).contiguous().to(x.device)  # one copy per batch
         try:
             return self.trunk(x), finals
         finally:

@@ -58,8 +58,9 @@ BUCKET = 64  # padded batching groups images whose sides round up to the same mu
 class Interrupted(SppError):
     """SIGINT/SIGTERM: committed work is kept; the exit status is 128 + signal."""
 
-    def __init__(self, signum: int, committed: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; {committed} images committed")
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; work up to now is "
+                         "committed; rerun the same command with --resume to finish")  # fmt: skip
         self.exit_code = 128 + signum
 
 
@@ -480,8 +481,9 @@ class BackgroundWriter:
             raise self.error
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 # ----------------------------------------------------------------------------- the run
@@ -847,7 +849,7 @@ def _run_rank(
                     handle(batch)
                     writer.check()
                     if caught:
-                        raise Interrupted(caught[0], 0)
+                        raise Interrupted(caught[0])
                 break
             except RuntimeError as exc:
                 if workers == 0 or "DataLoader" not in str(exc):
@@ -863,19 +865,16 @@ def _run_rank(
         if current >= 0:
             commit(current)
         writer.drain()
-    except Interrupted as exc:
+    except Interrupted:
         # Keep everything computed so far: the open shard is committed with its missing rows.
         for window in list(shards):
             commit(window)
         writer.drain()
-        exc.args = (f"interrupted by {signal.Signals(exc.exit_code - 128).name}; work up to "
-                    "now is committed; rerun the same command with --resume to finish",)  # fmt: skip
         raise
     except BaseException:
+        writer.close()  # runs what is queued, or skips it after a write error
         for shard in shards.values():
-            writer.submit(shard.discard)
-        with contextlib.suppress(BaseException):
-            writer.drain()
+            shard.discard()
         raise
     finally:
         writer.close()
