@@ -13,13 +13,14 @@ Decoding rules (documented in the README):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import struct
 import warnings
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,6 +210,17 @@ def _load(fh: io.BufferedReader, max_pixels: int) -> tuple[Image.Image, str]:
     return img, mode
 
 
+@contextlib.contextmanager
+def _no_pillow_bomb_check() -> Iterator[None]:
+    """Our own check in _load() applies max_pixels and names it; restore Pillow's after."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Decoded:
     """Decode ``path`` at native size. Raises ImageError; never returns a substitute."""
     try:
@@ -216,10 +228,9 @@ def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Deco
             st = os.fstat(fh.fileno())
             if st.st_size == 0:
                 raise ImageError("empty_file", "file is empty (0 bytes)")
-            Image.MAX_IMAGE_PIXELS = None  # our own check in _load() names max_pixels
             truncated = False
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), _no_pillow_bomb_check():
                     warnings.simplefilter("ignore")
                     img, mode = _load(fh, max_pixels)
             except OSError as exc:
@@ -231,7 +242,8 @@ def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Deco
                 fh.seek(0)
                 ImageFile.LOAD_TRUNCATED_IMAGES = True
                 try:
-                    img, mode = _load(fh, max_pixels)
+                    with _no_pillow_bomb_check():
+                        img, mode = _load(fh, max_pixels)
                 finally:
                     ImageFile.LOAD_TRUNCATED_IMAGES = False
                 truncated = True

@@ -313,6 +313,11 @@ class Batch:
         return self
 
 
+def _ignore_sigint(_worker: int) -> None:
+    """Ctrl-C reaches the whole process group; the main process decides when to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Collate:
     """Items -> one zero-padded uint8 batch. ``multiple`` > 1 rounds the padded size up to a
     multiple of it (padded batching), so batch shapes repeat and cuDNN's autotuner pays off."""
@@ -841,6 +846,7 @@ def _run_rank(
                 collate_fn=Collate(BUCKET if padded else 1),
                 pin_memory=device.type == "cuda", timeout=config.decode_timeout if workers else 0,
                 prefetch_factor=4 if workers else None, persistent_workers=False,
+                worker_init_fn=_ignore_sigint,
             )  # fmt: skip
             batches = iter(loader)
             try:
@@ -854,6 +860,8 @@ def _run_rank(
             except RuntimeError as exc:
                 if workers == 0 or "DataLoader" not in str(exc):
                     raise
+                if caught:
+                    raise Interrupted(caught[0]) from None
                 # A decoder crashed or hung: isolate the images of the batch it was working on.
                 log.warning("a decode worker failed (%s); isolating its images", exc)
                 del batches  # shuts the remaining workers down (a hung one is terminated)

@@ -43,8 +43,9 @@ def _cli(fault: str, inputs: Path, out: Path, *extra: str, wait: bool = True):
     command = [sys.executable, str(RUNNER), fault, "--", "extract", str(inputs), "-o", str(out),
                *ARGS, "--config", str(_fast_commits(out.parent)), *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(RUNNER.parent.parent)}
-    if not wait:
-        return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    if not wait:  # its own process group, like a job in a terminal
+        return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # fmt: skip
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -96,17 +97,24 @@ def test_repeated_kills_then_resume(tmp_path, inputs, reference):
     _assert_same(_keyed(out), reference)
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_stops_keeps_work_and_resumes(tmp_path, inputs, reference, signum, code):
+@pytest.mark.parametrize(
+    "signum, code, workers, group",
+    [(signal.SIGINT, 130, "0", False), (signal.SIGTERM, 143, "0", False),
+     (signal.SIGINT, 130, "2", True)],  # Ctrl-C in a terminal: the decode workers get it too
+)  # fmt: skip
+def test_signal_stops_keeps_work_and_resumes(tmp_path, inputs, reference, signum, code, workers, group):
     out = tmp_path / "out.h5"
-    process = _cli("slow:0.15", inputs, out, wait=False)
+    process = _cli("slow:0.15", inputs, out, "--workers", workers, wait=False)
     root = shards_root(out)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(root.glob("run-*/a*.h5")):
         time.sleep(0.05)
     assert list(root.glob("run-*/a*.h5")), "no shard committed in time"
     sent = time.monotonic()
-    process.send_signal(signum)
+    if group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
     assert time.monotonic() - sent < 10
     assert process.returncode == code, stderr
