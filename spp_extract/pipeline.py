@@ -1,17 +1,14 @@
 """Wires the stages: paths -> headers -> plan -> decode (workers) -> trunk -> SPP -> shards.
 
-Batching and devices live here. One process, or one process per rank under torchrun.
+Devices, ranks, resume and signals live here. One process, or one process per rank under
+torchrun.
 """
 
 from __future__ import annotations
 
-import bisect
-import collections
 import contextlib
 import datetime
 import logging
-import math
-import multiprocessing
 import os
 import queue
 import signal
@@ -27,18 +24,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torchvision
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from . import __version__, images
 from .backbones import ResolvedModel, Trunk, build_trunk, resolve
+from .compute import Extractor, resolve_maskable
 from .config import AUTO, MODEL_KEYS, Config, to_toml
+from .decoding import (
+    Batch,
+    Collate,
+    DecodeDataset,
+    Item,
+    collate,
+    file_stat,
+    ignore_sigint,
+    isolated_decode,
+    read_sizes,
+)  # fmt: skip
 from .errors import ConfigError, ImageError, OutputError, SppError
-from .masking import MaskedTrunk, can_mask
-from .pooling import spatial_pyramid_pool, spp_dim
+from .planning import BUCKET, Planner, partition
+from .pooling import spp_dim
 from .writer import (
     OutputLock,
-    RowMeta,
     ShardWriter,
     assemble,
     next_attempt,
@@ -51,9 +58,6 @@ from .writer import (
 )  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-BUCKET = 64  # padded batching groups images whose sides round up to the same multiple of this
-
 
 class Interrupted(SppError):
     """SIGINT/SIGTERM: committed work is kept; the exit status is 128 + signal."""
@@ -163,293 +167,6 @@ def resolved_config(config: Config, resolved: ResolvedModel) -> dict[str, Any]:
     return values
 
 
-# ----------------------------------------------------------------------------- planning
-
-
-@dataclass
-class Window:
-    start: int  # indices into this rank's work list
-    stop: int
-
-
-class Planner:
-    """Yields batches (lists of indices into the work list), window by window.
-
-    A window is a contiguous run of the sorted work list and becomes one shard; its size
-    follows the measured speed so that a shard is committed about every ``commit_seconds``.
-    Within a window, images are grouped by size: identical sizes only (``padded=False``) or
-    into 64-px buckets padded to their largest member (``padded=True``).
-
-    Batches handed out but not yet received are kept, so a new DataLoader can start again
-    from the first one not received (after a decoder crash).
-    """
-
-    def __init__(self, sizes: Sequence[tuple[int, int] | None], *, padded: bool,
-                 batch_size: int, batch_pixels: int, commit_seconds: float) -> None:  # fmt: skip
-        self.sizes = sizes
-        self.padded = padded
-        self.batch_size = batch_size
-        self.batch_pixels = batch_pixels
-        self.commit_seconds = commit_seconds
-        self.windows: list[Window] = []
-        self._starts: list[int] = []
-        self.rate: float | None = None  # images per second, set by the consumer
-        self._next = 0
-        self._issued: collections.deque[list[int]] = collections.deque()
-        self._pending: collections.deque[list[int]] = collections.deque()
-
-    def window_of(self, index: int) -> int:
-        return bisect.bisect_right(self._starts, index) - 1
-
-    def _window_size(self) -> int:
-        if self.rate is None:
-            return 2 * self.batch_size  # a first commit soon; then sized by measured speed
-        return max(self.batch_size, min(100_000, int(self.rate * self.commit_seconds)))
-
-    def _plan_window(self, start: int, stop: int) -> list[list[int]]:
-        known = [i for i in range(start, stop) if self.sizes[i] is not None]
-        unknown = [[i] for i in range(start, stop) if self.sizes[i] is None]
-
-        def group(i: int) -> tuple[int, int]:
-            h, w = self.sizes[i]  # type: ignore[misc]
-            return (math.ceil(h / BUCKET), math.ceil(w / BUCKET)) if self.padded else (h, w)
-
-        known.sort(key=lambda i: (group(i), self.sizes[i], i))
-        batches: list[list[int]] = []
-        batch: list[int] = []
-        height = width = 0
-        for i in known:
-            h, w = self.sizes[i]  # type: ignore[misc]
-            nh, nw = max(height, h), max(width, w)
-            fits = (
-                batch and group(batch[0]) == group(i) and len(batch) < self.batch_size
-                and (len(batch) + 1) * nh * nw <= self.batch_pixels
-            )  # fmt: skip
-            if batch and not fits:
-                batches.append(batch)
-                batch, nh, nw = [], h, w
-            batch.append(i)
-            height, width = nh, nw
-        if batch:
-            batches.append(batch)
-        return batches + unknown
-
-    def __iter__(self) -> Iterator[list[int]]:
-        while True:
-            if self._pending:
-                batch = self._pending.popleft()
-            else:
-                if self._next >= len(self.sizes):
-                    return
-                start, stop = self._next, min(len(self.sizes), self._next + self._window_size())
-                self.windows.append(Window(start, stop))
-                self._starts.append(start)
-                self._next = stop
-                self._pending.extend(self._plan_window(start, stop))
-                continue
-            self._issued.append(batch)
-            yield batch
-
-    def received(self) -> list[int]:
-        return self._issued.popleft()
-
-    def rewind(self) -> None:
-        """Hand out the issued-but-not-received batches again (a fresh DataLoader)."""
-        self._pending.extendleft(reversed(self._issued))
-        self._issued.clear()
-
-
-# ----------------------------------------------------------------------------- decoding
-
-
-@dataclass
-class Item:
-    index: int
-    pixels: Tensor | None  # (3, H, W) uint8
-    meta: RowMeta
-
-
-def _decode_item(ref: images.ImageRef, index: int, min_side: int, config: Config) -> Item:
-    try:
-        decoded = images.decode(ref.path, max_pixels=config.max_pixels,
-                                allow_truncated=config.allow_truncated)  # fmt: skip
-    except ImageError as exc:
-        size, mtime = _stat(ref)  # so that a resume knows whether the file changed since
-        return Item(index, None, RowMeta(error_class=exc.kind, error=exc.message,
-                                         file_size=size, mtime_ns=mtime))  # fmt: skip
-    _, height, width = decoded.pixels.shape
-    meta = RowMeta(
-        image_size=(height, width),
-        input_size=(max(height, min_side), max(width, min_side)),
-        mode=decoded.mode, truncated=decoded.truncated,
-        file_size=decoded.file_size, mtime_ns=decoded.mtime_ns,
-    )  # fmt: skip
-    return Item(index, decoded.pixels, meta)
-
-
-class _Decode(Dataset):
-    def __init__(self, refs: Sequence[images.ImageRef], min_side: int, config: Config) -> None:
-        self.refs = refs
-        self.min_side = min_side
-        self.config = config
-
-    def __len__(self) -> int:
-        return len(self.refs)
-
-    def __getitem__(self, index: int) -> Item:
-        return _decode_item(self.refs[index], index, self.min_side, self.config)
-
-
-@dataclass
-class Batch:
-    indices: list[int]  # of the decoded images, in batch order
-    pixels: Tensor | None  # (N, 3, H, W) uint8, zero-padded at bottom/right
-    metas: list[RowMeta]
-    failures: list[Item]
-
-    def pin_memory(self) -> Batch:
-        if self.pixels is not None:
-            self.pixels = self.pixels.pin_memory()
-        return self
-
-
-def _ignore_sigint(_worker: int) -> None:
-    """Ctrl-C reaches the whole process group; the main process decides when to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class Collate:
-    """Items -> one zero-padded uint8 batch. ``multiple`` > 1 rounds the padded size up to a
-    multiple of it (padded batching), so batch shapes repeat and cuDNN's autotuner pays off."""
-
-    def __init__(self, multiple: int = 1) -> None:
-        self.multiple = multiple
-
-    def __call__(self, items: list[Item]) -> Batch:
-        sizes = {it.meta.input_size for it in items if it.pixels is not None}
-        return _collate(items, self.multiple if len(sizes) > 1 else 1)  # same sizes: no padding
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def _collate(items: list[Item], multiple: int = 1) -> Batch:
-    good = [it for it in items if it.pixels is not None]
-    failures = [it for it in items if it.pixels is None]
-    if not good:
-        return Batch([], None, [], failures)
-    height = _round_up(max(it.meta.input_size[0] for it in good), multiple)
-    width = _round_up(max(it.meta.input_size[1] for it in good), multiple)
-    pixels = torch.zeros(len(good), 3, height, width, dtype=torch.uint8)
-    for row, it in enumerate(good):
-        assert it.pixels is not None
-        h, w = it.meta.image_size
-        pixels[row, :, :h, :w] = it.pixels
-    return Batch([it.index for it in good], pixels, [it.meta for it in good], failures)
-
-
-def _isolated_decode(ref: images.ImageRef, index: int, min_side: int, config: Config) -> Item:
-    """Decode in a throw-away process: a crash or hang becomes a failure record."""
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    parent, child = ctx.Pipe(duplex=False)
-
-    def target() -> None:
-        item = _decode_item(ref, index, min_side, config)
-        child.send(item)
-
-    process = ctx.Process(target=target, daemon=True)
-    process.start()
-    child.close()
-    try:
-        if parent.poll(config.decode_timeout):
-            try:
-                return parent.recv()
-            except EOFError:
-                pass
-        else:
-            process.kill()
-            return Item(index, None, RowMeta(
-                error_class="decode_timeout", error=f"decoding took longer than {config.decode_timeout:g} s",
-                file_size=_stat(ref)[0], mtime_ns=_stat(ref)[1]))  # fmt: skip
-    finally:
-        process.join(5)
-        parent.close()
-    return Item(index, None, RowMeta(
-        error_class="decoder_crashed", error=f"the decoder process died (exit {process.exitcode})",
-        file_size=_stat(ref)[0], mtime_ns=_stat(ref)[1]))  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- compute
-
-
-class Extractor:
-    """Trunk + SPP on one device: uint8 batches in, vectors out. Exact batching of mixed
-    sizes when ``padded`` (masked padding), identical sizes otherwise."""
-
-    def __init__(self, trunk: Trunk, config: Config, device: torch.device, *, padded: bool) -> None:
-        self.trunk = trunk
-        self.config = config
-        self.device = device
-        self.module = trunk.module.to(device)
-        self.channels_last = device.type in ("cuda", "cpu")
-        if self.channels_last:
-            self.module = self.module.to(memory_format=torch.channels_last)
-        self.masked = MaskedTrunk(self.module) if padded else None
-        self.mean = torch.tensor(trunk.resolved.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(trunk.resolved.std, device=device).view(1, 3, 1, 1)
-        self.dim = spp_dim(trunk.channels, config.levels)
-        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-
-    def _run(self, pixels: Tensor, metas: Sequence[RowMeta]) -> Tensor:
-        x = pixels.to(self.device, non_blocking=True).float().div_(255.0)
-        x = (x - self.mean) / self.std
-        sizes = [m.image_size for m in metas]
-        if any(tuple(s) != tuple(x.shape[-2:]) for s in sizes):
-            # Outside each image (padding, and the min-size margin): exactly 0 after normalising.
-            rows = torch.arange(x.shape[-2], device=self.device)
-            cols = torch.arange(x.shape[-1], device=self.device)
-            valid = torch.tensor(sizes, device=self.device)
-            mask = (rows[None, :] < valid[:, :1])[:, :, None] & (cols[None, :] < valid[:, 1:])[:, None, :]
-            x = torch.where(mask[:, None], x, torch.zeros((), device=self.device))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        inputs = [m.input_size for m in metas]
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            if self.masked is not None:
-                out, finals = self.masked(x, inputs)
-            else:
-                out = self.module(x)
-                finals = [tuple(out.shape[-2:])] * len(metas)
-        out = out.float()
-        vectors = torch.empty(len(metas), self.dim, device=out.device)
-        groups: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
-        for row, size in enumerate(finals):
-            groups[tuple(size)].append(row)
-        for (h, w), rows in groups.items():
-            index = torch.tensor(rows, device=out.device)
-            part = out.index_select(0, index)[:, :, :h, :w]  # (n, C, h, w)
-            vectors[index] = spatial_pyramid_pool(part, self.config.levels, self.config.pooling)  # type: ignore[arg-type]
-        for meta, size in zip(metas, finals, strict=True):
-            meta.feature_map_size = (int(size[0]), int(size[1]))
-        return vectors
-
-    def __call__(self, pixels: Tensor, metas: list[RowMeta]) -> list[Tensor | ImageError]:
-        """One result per image: its vector, or an out-of-memory failure. A batch that does not
-        fit is split in halves and retried; only a single image that still fails is recorded."""
-        try:
-            with torch.inference_mode():
-                vectors = self._run(pixels, metas)
-            return list(vectors.to("cpu", non_blocking=False).unbind(0))
-        except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(metas) == 1:
-                return [ImageError("out_of_memory", "this image does not fit in device memory")]
-            half = len(metas) // 2
-            return self(pixels[:half], metas[:half]) + self(pixels[half:], metas[half:])
-
-
 # ----------------------------------------------------------------------------- writing
 
 
@@ -492,44 +209,6 @@ class BackgroundWriter:
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-def _stat(ref: images.ImageRef) -> tuple[int, int]:
-    try:
-        st = os.stat(ref.path)
-        return st.st_size, st.st_mtime_ns
-    except OSError:
-        return -1, -1
-
-
-class _Headers(Dataset):
-    def __init__(self, refs: Sequence[images.ImageRef]) -> None:
-        self.refs = refs
-
-    def __len__(self) -> int:
-        return len(self.refs)
-
-    def __getitem__(self, index: int) -> tuple[int, int] | None:
-        return images.read_size(self.refs[index].path)
-
-
-def _read_sizes(refs: Sequence[images.ImageRef], workers: int) -> list[tuple[int, int] | None]:
-    if workers == 0 or len(refs) < 64:
-        return [images.read_size(r.path) for r in refs]
-    loader = DataLoader(_Headers(refs), batch_size=64, num_workers=workers, collate_fn=list)
-    return [size for chunk in loader for size in chunk]
-
-
-def _partition(sizes: Sequence[tuple[int, int] | None], parts: int) -> list[int]:
-    """Cut points splitting the list into ``parts`` contiguous runs of about equal pixels."""
-    known = [h * w for s in sizes if s is not None for h, w in [s]]
-    typical = int(np.median(known)) if known else 1
-    cumulative = np.cumsum([s[0] * s[1] if s is not None else typical for s in sizes])
-    total = int(cumulative[-1]) if len(sizes) else 0
-    cuts = [0] + [int(np.searchsorted(cumulative, total * p / parts, side="left")) + 1
-                  for p in range(1, parts)] + [len(sizes)]  # fmt: skip
-    cuts = [min(max(c, 0), len(sizes)) for c in cuts]
-    return [max(cuts[: i + 1]) for i in range(len(cuts))]  # monotone
 
 
 def _read_run_toml(run_dir: Path) -> dict[str, Any]:
@@ -735,7 +414,7 @@ def _run_rank(
     todo: list[int] | None = None
     if ctx.rank == 0:
         state = read_state(run_dir)
-        stats = [_stat(r) for r in refs]
+        stats = [file_stat(r) for r in refs]
         todo = [i for i, r in enumerate(refs) if not state.done(r.key_bytes, *stats[i], retry_failed)]
     todo = _broadcast(ctx, todo)
     assert todo is not None
@@ -744,7 +423,7 @@ def _run_rank(
         torch.set_num_threads(max(1, _cores() // ctx.local_world - workers))
     # Header sizes: each rank reads a strided share, then all share them.
     mine = todo[ctx.rank :: ctx.world]
-    sizes_mine = _read_sizes([refs[i] for i in mine], workers)
+    sizes_mine = read_sizes([refs[i] for i in mine], workers)
     if ctx.active:
         gathered: list[Any] = [None] * ctx.world
         dist.all_gather_object(gathered, sizes_mine)
@@ -753,7 +432,7 @@ def _run_rank(
             sizes[r :: ctx.world] = part
     else:
         sizes = sizes_mine
-    cuts = _partition(sizes, ctx.world)
+    cuts = partition(sizes, ctx.world)
     lo, hi = cuts[ctx.rank], cuts[ctx.rank + 1]
     work = [refs[i] for i in todo[lo:hi]]
     work_sizes = [None if s is None else (max(s[0], trunk.min_side), max(s[1], trunk.min_side))
@@ -838,7 +517,7 @@ def _run_rank(
         if progress:
             progress(done, total)
 
-    dataset = _Decode(work, trunk.min_side, config)
+    dataset = DecodeDataset(work, trunk.min_side, config)
     try:
         while True:
             loader = DataLoader(
@@ -846,7 +525,7 @@ def _run_rank(
                 collate_fn=Collate(BUCKET if padded else 1),
                 pin_memory=device.type == "cuda", timeout=config.decode_timeout if workers else 0,
                 prefetch_factor=4 if workers else None, persistent_workers=False,
-                worker_init_fn=_ignore_sigint,
+                worker_init_fn=ignore_sigint,
             )  # fmt: skip
             batches = iter(loader)
             try:
@@ -868,7 +547,7 @@ def _run_rank(
                 planner.rewind()
                 suspect = next(iter(planner))  # the first batch not received
                 planner.received()
-                handle(_collate([_isolated_decode(work[i], i, trunk.min_side, config)
+                handle(collate([isolated_decode(work[i], i, trunk.min_side, config)
                                  for i in suspect]))  # fmt: skip
         if current >= 0:
             commit(current)
@@ -889,5 +568,3 @@ def _run_rank(
     return total, failures
 
 
-def resolve_maskable(trunk: Trunk) -> bool:
-    return trunk.resolved.maskable and can_mask(trunk.module)

@@ -9,8 +9,8 @@ from PIL import Image
 
 from spp_extract import Config, extract, read_features
 from spp_extract.backbones import build_trunk
+from spp_extract.compute import Extractor, resolve_maskable
 from spp_extract.masking import MaskedTrunk
-from spp_extract.pipeline import Extractor, resolve_maskable
 
 # odd and tiny sizes; several share a 64-px bucket so they really are padded together
 SIZES = [(1, 1), (3, 50), (17, 33), (40, 64), (64, 64), (33, 5), (65, 70), (100, 128), (127, 99),

@@ -1,0 +1,163 @@
+"""Decoding in DataLoader workers: items, padded uint8 batches, and isolating a decoder that
+crashes or hangs in a throw-away process."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from . import images
+from .config import Config
+from .errors import ImageError
+from .writer import RowMeta
+
+
+@dataclass
+class Item:
+    index: int
+    pixels: Tensor | None  # (3, H, W) uint8
+    meta: RowMeta
+
+
+def decode_item(ref: images.ImageRef, index: int, min_side: int, config: Config) -> Item:
+    try:
+        decoded = images.decode(ref.path, max_pixels=config.max_pixels,
+                                allow_truncated=config.allow_truncated)  # fmt: skip
+    except ImageError as exc:
+        size, mtime = file_stat(ref)  # so that a resume knows whether the file changed since
+        return Item(index, None, RowMeta(error_class=exc.kind, error=exc.message,
+                                         file_size=size, mtime_ns=mtime))  # fmt: skip
+    _, height, width = decoded.pixels.shape
+    meta = RowMeta(
+        image_size=(height, width),
+        input_size=(max(height, min_side), max(width, min_side)),
+        mode=decoded.mode, truncated=decoded.truncated,
+        file_size=decoded.file_size, mtime_ns=decoded.mtime_ns,
+    )  # fmt: skip
+    return Item(index, decoded.pixels, meta)
+
+
+class DecodeDataset(Dataset):
+    def __init__(self, refs: Sequence[images.ImageRef], min_side: int, config: Config) -> None:
+        self.refs = refs
+        self.min_side = min_side
+        self.config = config
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> Item:
+        return decode_item(self.refs[index], index, self.min_side, self.config)
+
+
+@dataclass
+class Batch:
+    indices: list[int]  # of the decoded images, in batch order
+    pixels: Tensor | None  # (N, 3, H, W) uint8, zero-padded at bottom/right
+    metas: list[RowMeta]
+    failures: list[Item]
+
+    def pin_memory(self) -> Batch:
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def ignore_sigint(_worker: int) -> None:
+    """Ctrl-C reaches the whole process group; the main process decides when to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Collate:
+    """Items -> one zero-padded uint8 batch. ``multiple`` > 1 rounds the padded size up to a
+    multiple of it (padded batching), so batch shapes repeat and cuDNN's autotuner pays off."""
+
+    def __init__(self, multiple: int = 1) -> None:
+        self.multiple = multiple
+
+    def __call__(self, items: list[Item]) -> Batch:
+        sizes = {it.meta.input_size for it in items if it.pixels is not None}
+        return collate(items, self.multiple if len(sizes) > 1 else 1)  # same sizes: no padding
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def collate(items: list[Item], multiple: int = 1) -> Batch:
+    good = [it for it in items if it.pixels is not None]
+    failures = [it for it in items if it.pixels is None]
+    if not good:
+        return Batch([], None, [], failures)
+    height = _round_up(max(it.meta.input_size[0] for it in good), multiple)
+    width = _round_up(max(it.meta.input_size[1] for it in good), multiple)
+    pixels = torch.zeros(len(good), 3, height, width, dtype=torch.uint8)
+    for row, it in enumerate(good):
+        assert it.pixels is not None
+        h, w = it.meta.image_size
+        pixels[row, :, :h, :w] = it.pixels
+    return Batch([it.index for it in good], pixels, [it.meta for it in good], failures)
+
+
+def isolated_decode(ref: images.ImageRef, index: int, min_side: int, config: Config) -> Item:
+    """Decode in a throw-away process: a crash or hang becomes a failure record."""
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    parent, child = ctx.Pipe(duplex=False)
+
+    def target() -> None:
+        item = decode_item(ref, index, min_side, config)
+        child.send(item)
+
+    process = ctx.Process(target=target, daemon=True)
+    process.start()
+    child.close()
+    try:
+        if parent.poll(config.decode_timeout):
+            try:
+                return parent.recv()
+            except EOFError:
+                pass
+        else:
+            process.kill()
+            return Item(index, None, RowMeta(
+                error_class="decode_timeout", error=f"decoding took longer than {config.decode_timeout:g} s",
+                file_size=file_stat(ref)[0], mtime_ns=file_stat(ref)[1]))  # fmt: skip
+    finally:
+        process.join(5)
+        parent.close()
+    return Item(index, None, RowMeta(
+        error_class="decoder_crashed", error=f"the decoder process died (exit {process.exitcode})",
+        file_size=file_stat(ref)[0], mtime_ns=file_stat(ref)[1]))  # fmt: skip
+
+
+def file_stat(ref: images.ImageRef) -> tuple[int, int]:
+    try:
+        st = os.stat(ref.path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
+class _Headers(Dataset):
+    def __init__(self, refs: Sequence[images.ImageRef]) -> None:
+        self.refs = refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> tuple[int, int] | None:
+        return images.read_size(self.refs[index].path)
+
+
+def read_sizes(refs: Sequence[images.ImageRef], workers: int) -> list[tuple[int, int] | None]:
+    if workers == 0 or len(refs) < 64:
+        return [images.read_size(r.path) for r in refs]
+    loader = DataLoader(_Headers(refs), batch_size=64, num_workers=workers, collate_fn=list)
+    return [size for chunk in loader for size in chunk]
