@@ -373,9 +373,11 @@ def extract(
         error, attempt = _broadcast(ctx, (error, attempt))
         if error is not None:
             raise OutputError(error)
+        padded = _padded(config, device, trunk)
         processed, failures = _run_rank(
-            refs, run_dir, attempt, trunk, config, device, ctx, retry_failed, progress, caught
-        )
+            refs, run_dir, attempt, trunk, config, device, padded, ctx, retry_failed, progress,
+            caught,
+        )  # fmt: skip
         dim = spp_dim(trunk.channels, config.levels)
         if ctx.active:
             dist.barrier()
@@ -388,7 +390,8 @@ def extract(
                 std=list(resolved.std), precision=config.precision,
                 config=to_toml(resolved_config(config, resolved)),
                 spp_extract_version=__version__, torch_version=str(torch.__version__),
-                torchvision_version=str(torchvision.__version__),
+                torchvision_version=str(torchvision.__version__), device=device.type,
+                batching="padded" if padded else "same-size", world_size=ctx.world,
             )  # fmt: skip
             rows, failed = assemble(output, run_dir, [r.key_bytes for r in refs], dim,
                                     config.dtype, attrs)  # fmt: skip
@@ -405,9 +408,19 @@ def extract(
             dist.destroy_process_group()
 
 
+def _padded(config: Config, device: torch.device, trunk: Trunk) -> bool:
+    """Whether mixed sizes share batches (masked padding) in this run."""
+    padded = config.batching == "padded" or (config.batching == AUTO and device.type == "cuda")
+    if padded and not resolve_maskable(trunk):
+        log.info("%s cannot use masked padding (it has global ops); batching identical sizes only",
+                 config.backbone)  # fmt: skip
+        return False
+    return padded
+
+
 def _run_rank(
     refs: Sequence[images.ImageRef], run_dir: Path, attempt: int, trunk: Trunk, config: Config,
-    device: torch.device, ctx: Dist, retry_failed: bool,
+    device: torch.device, padded: bool, ctx: Dist, retry_failed: bool,
     progress: Callable[[int, int], None] | None, caught: list[int],
 ) -> tuple[int, list[tuple[str, str, str]]]:  # fmt: skip
     """This rank's share: work out what is left, plan it, run it, commit shards."""
@@ -437,11 +450,6 @@ def _run_rank(
     work = [refs[i] for i in todo[lo:hi]]
     work_sizes = [None if s is None else (max(s[0], trunk.min_side), max(s[1], trunk.min_side))
                   for s in sizes[lo:hi]]  # fmt: skip
-    padded = config.batching == "padded" or (config.batching == AUTO and device.type == "cuda")
-    if padded and not (resolve_maskable(trunk)):
-        log.info("%s cannot use masked padding (it has global ops); batching identical sizes only",
-                 config.backbone)  # fmt: skip
-        padded = False
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = config.precision != "fp32"  # fp32 stays exact
