@@ -8,6 +8,7 @@ and the ratios c/a and c/b, plus peak RSS. Example:
 
     python benchmarks/throughput.py --backbone resnet18 --images 48
     python benchmarks/throughput.py --folder PHOTOS/ --device cuda --batching padded
+    python benchmarks/throughput.py --device cuda --precision bf16 --compare-batching --images 2000
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def main() -> None:
     parser.add_argument("--batch-size", default="auto")
     parser.add_argument("--workers", default="auto")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--compare-batching", action="store_true",
+                        help="also run (c) with padded and with same-size batching, and print the speed-up")
     args = parser.parse_args()
 
     auto = lambda v: v if v == "auto" else int(v)  # noqa: E731
@@ -148,6 +151,14 @@ def main() -> None:
     print(f"(b) compute limit       {b:8.2f} img/s")
     print(f"(c) spp-extract         {c:8.2f} img/s   (model set-up, header reads and the final view included)")
     print(f"c/a = {c / a:.2f}   c/b = {c / b:.2f}")
+    if args.compare_batching:
+        timings = {}
+        for batching in ("padded", "same-size"):
+            start = time.perf_counter()
+            extract(paths, tmp / f"{batching}.h5", config=config.replace(batching=batching))
+            timings[batching] = n / (time.perf_counter() - start)
+            print(f"(c) with {batching:9s}   {timings[batching]:8.2f} img/s")
+        print(f"masked padded / same-size = {timings['padded'] / timings['same-size']:.2f}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (whole benchmark process)")
 
 

@@ -1,0 +1,32 @@
+"""GPU checks; skipped where no CUDA device is present (CI has none; run them on a GPU box)."""
+
+import pytest
+import torch
+from conftest import reference_vector, rel_err
+
+from spp_extract import Config, extract, read_features
+from spp_extract.backbones import build_trunk
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "vgg11"])
+def test_padded_batches_on_gpu_equal_per_image_cpu_runs(tmp_path, example_dir, backbone):
+    config = Config(backbone=backbone, weights="none", device="cuda", batching="padded",
+                    batch_size=16, workers=2)  # fmt: skip
+    out = tmp_path / "f.h5"
+    extract([example_dir], out, config=config)
+    data = read_features(out)
+    assert data.attrs["device"] == "cuda" and data.attrs["batching"] == "padded"
+    trunk = build_trunk(config.replace(device="cpu"))
+    for row, name in enumerate(data.paths):
+        assert rel_err(data.features[row], reference_vector(trunk, example_dir / name, (4, 2, 1))) <= 1e-4, name
+
+
+def test_bf16_is_close_but_opt_in(tmp_path, example_dir):
+    fp32, bf16 = tmp_path / "fp32.h5", tmp_path / "bf16.h5"
+    base = Config(backbone="resnet50", weights="none", device="cuda")
+    extract([example_dir], fp32, config=base)
+    extract([example_dir], bf16, config=base.replace(precision="bf16"))
+    a, b = read_features(fp32).features, read_features(bf16).features
+    assert 0 < rel_err(b, a) < 0.05

@@ -1,0 +1,66 @@
+"""Planning from header sizes: windows, batches, rank shares."""
+
+import itertools
+import math
+import random
+
+import pytest
+
+from spp_extract.planning import BUCKET, Planner, partition
+
+
+def _sizes(n, seed=0):
+    rng = random.Random(seed)
+    sizes = [(rng.randint(1, 700), rng.randint(1, 700)) for _ in range(n)]
+    sizes[3] = None  # an unreadable header
+    return sizes
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_every_image_once_in_contiguous_windows_within_limits(padded):
+    sizes = _sizes(300)
+    planner = Planner(sizes, padded=padded, batch_size=8, batch_pixels=8 * 256 * 256, commit_seconds=1.0)
+    seen = []
+    for batch in planner:
+        planner.received()
+        planner.rate = 50.0  # measured speed, images/s: windows of 50 after the first
+        windows = {planner.window_of(i) for i in batch}
+        assert len(windows) == 1  # a batch never spans two shards
+        known = [sizes[i] for i in batch if sizes[i] is not None]
+        assert len(batch) <= 8
+        if len(batch) > 1:
+            height, width = max(h for h, _ in known), max(w for _, w in known)
+            assert len(batch) * height * width <= 8 * 256 * 256
+            if padded:
+                assert len({(math.ceil(h / BUCKET), math.ceil(w / BUCKET)) for h, w in known}) == 1
+            else:
+                assert len(set(known)) == 1
+        seen += batch
+    assert sorted(seen) == list(range(300))
+    starts = [w.start for w in planner.windows]
+    stops = [w.stop for w in planner.windows]
+    assert starts[0] == 0 and stops[-1] == 300 and starts[1:] == stops[:-1]
+    assert stops[0] - starts[0] == 16 and all(b - a == 50 for a, b in zip(starts[1:-1], stops[1:-1], strict=True))
+
+
+def test_rewind_hands_out_unreceived_batches_again():
+    sizes = [(10, 10)] * 5 + [(20, 20)] * 5
+    planner = Planner(sizes, padded=False, batch_size=2, batch_pixels=10**9, commit_seconds=1.0)
+    it = iter(planner)
+    first, second, third = next(it), next(it), next(it)
+    assert planner.received() == first
+    planner.rewind()
+    again = list(planner)
+    assert again[:2] == [second, third]
+    assert sorted(i for b in [first, *again] for i in b) == list(range(10))
+
+
+def test_partition_is_contiguous_balanced_and_complete():
+    sizes = [(100, 100)] * 90 + [(1000, 1000)] * 10  # the last ten hold most pixels
+    cuts = partition(sizes, 4)
+    assert cuts[0] == 0 and cuts[-1] == 100 and cuts == sorted(cuts)
+    pixels = [sum(h * w for h, w in sizes[a:b]) for a, b in itertools.pairwise(cuts)]
+    assert max(pixels) <= 2 * (sum(pixels) / 4)
+    assert cuts[1] > 50  # the many small images go together; the big ones are spread
+    assert partition([], 3) == [0, 0, 0, 0]
+    assert partition([(5, 5)], 3)[-1] == 1
