@@ -12,7 +12,7 @@ from torch import Tensor
 from .backbones import Trunk
 from .config import Config
 from .errors import ImageError
-from .masking import MaskedTrunk, can_mask
+from .masking import MaskedTrunk, can_mask, valid_mask
 from .pooling import spatial_pyramid_pool, spp_dim
 from .writer import RowMeta
 
@@ -41,11 +41,8 @@ class Extractor:
         sizes = [m.image_size for m in metas]
         if any(tuple(s) != tuple(x.shape[-2:]) for s in sizes):
             # Outside each image (padding, and the min-size margin): exactly 0 after normalising.
-            rows = torch.arange(x.shape[-2], device=self.device)
-            cols = torch.arange(x.shape[-1], device=self.device)
-            valid = torch.tensor(sizes, device=self.device)
-            mask = (rows[None, :] < valid[:, :1])[:, :, None] & (cols[None, :] < valid[:, 1:])[:, None, :]
-            x = torch.where(mask[:, None], x, torch.zeros((), device=self.device))
+            mask = valid_mask(torch.tensor(sizes, device=self.device), x.shape[-2], x.shape[-1])
+            x = torch.where(mask, x, torch.zeros((), device=self.device))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         inputs = [m.input_size for m in metas]

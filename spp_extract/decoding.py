@@ -31,9 +31,7 @@ def decode_item(ref: images.ImageRef, index: int, min_side: int, config: Config)
         decoded = images.decode(ref.path, max_pixels=config.max_pixels,
                                 allow_truncated=config.allow_truncated)  # fmt: skip
     except ImageError as exc:
-        size, mtime = file_stat(ref)  # so that a resume knows whether the file changed since
-        return Item(index, None, RowMeta(error_class=exc.kind, error=exc.message,
-                                         file_size=size, mtime_ns=mtime))  # fmt: skip
+        return failure(ref, index, exc.kind, exc.message)
     _, height, width = decoded.pixels.shape
     meta = RowMeta(
         image_size=(height, width),
@@ -126,15 +124,18 @@ def isolated_decode(ref: images.ImageRef, index: int, min_side: int, config: Con
                 pass
         else:
             process.kill()
-            return Item(index, None, RowMeta(
-                error_class="decode_timeout", error=f"decoding took longer than {config.decode_timeout:g} s",
-                file_size=file_stat(ref)[0], mtime_ns=file_stat(ref)[1]))  # fmt: skip
+            return failure(ref, index, "decode_timeout",
+                           f"decoding took longer than {config.decode_timeout:g} s")  # fmt: skip
     finally:
         process.join(5)
         parent.close()
-    return Item(index, None, RowMeta(
-        error_class="decoder_crashed", error=f"the decoder process died (exit {process.exitcode})",
-        file_size=file_stat(ref)[0], mtime_ns=file_stat(ref)[1]))  # fmt: skip
+    return failure(ref, index, "decoder_crashed", f"the decoder process died (exit {process.exitcode})")
+
+
+def failure(ref: images.ImageRef, index: int, kind: str, message: str) -> Item:
+    """A failure record, with the file's stat so that a resume knows if it changed since."""
+    size, mtime = file_stat(ref)
+    return Item(index, None, RowMeta(error_class=kind, error=message, file_size=size, mtime_ns=mtime))
 
 
 def file_stat(ref: images.ImageRef) -> tuple[int, int]:

@@ -44,6 +44,14 @@ def can_mask(trunk: nn.Module) -> bool:
     return True
 
 
+def valid_mask(sizes: Tensor, height: int, width: int) -> Tensor:
+    """``sizes: Tensor[N, 2]`` valid (h, w) per image -> ``Tensor[N, 1, height, width]`` bool,
+    True inside each image's top-left ``h x w`` region."""
+    inside_rows = torch.arange(height, device=sizes.device)[None, :] < sizes[:, :1]  # (N, H)
+    inside_cols = torch.arange(width, device=sizes.device)[None, :] < sizes[:, 1:]  # (N, W)
+    return (inside_rows[:, :, None] & inside_cols[:, None, :])[:, None]
+
+
 class MaskedTrunk:
     """Runs a trunk on a padded batch so that each image's result equals its own run."""
 
@@ -104,12 +112,7 @@ class MaskedTrunk:
 
     def _mask(self, index: int, which: int, x: Tensor) -> Tensor:
         assert self._batch is not None
-        valid = self._batch[2 * index + which]  # (N, 2), on x's device
-        rows = torch.arange(x.shape[-2], device=x.device)
-        cols = torch.arange(x.shape[-1], device=x.device)
-        inside_rows = rows[None, :] < valid[:, :1]  # (N, H)
-        inside_cols = cols[None, :] < valid[:, 1:]  # (N, W)
-        return (inside_rows[:, :, None] & inside_cols[:, None, :])[:, None]  # (N, 1, H, W)
+        return valid_mask(self._batch[2 * index + which], x.shape[-2], x.shape[-1])
 
     def _pre_hook(self, index: int, fill: float):  # noqa: ANN202
         def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
