@@ -410,7 +410,10 @@ def build_trunk(config: Config) -> Trunk:
     if resolved.weights.startswith("file:"):
         _load_file(model, trunk, Path(config.weights), config.backbone)
     trunk.eval().requires_grad_(False)
-    side = min_side(trunk)
-    probe = _probe(trunk, max(side, 224), max(side, 224))
+    # Sizes do not depend on weights: probe the same architecture built on the meta device.
+    with _empty_init():
+        meta = _cut(family.chain(get_model(config.backbone, weights=None)), resolved.layer)
+    side = min_side(meta.eval())
+    probe = _probe(meta, max(side, 224), max(side, 224))
     assert probe is not None  # min_side just proved some size works
     return Trunk(trunk, resolved, probe[0], side)
