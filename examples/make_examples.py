@@ -7,7 +7,6 @@ The tests use the same function for their fixtures.
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 
@@ -59,12 +58,6 @@ def make_examples(folder: Path) -> list[Path]:
     save("sub/UPPER.TIFF", Image.fromarray(_photo(64, 48, 11)))
     (folder / "README.txt").write_text("not an image: ignored\n")
     return made
-
-
-def jpeg_bytes(height: int, width: int, seed: int = 0) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(_photo(height, width, seed)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 if __name__ == "__main__":

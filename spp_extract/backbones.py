@@ -335,9 +335,8 @@ class Trunk:
     min_side: int  # smallest input side the trunk accepts; smaller images are padded up to it
 
 
-def _probe(module: nn.Module, height: int, width: int) -> tuple[int, int, int] | None:
-    """Output (C, H, W) for an input of this size, run on the meta device; None if too small."""
-    meta = module if _on_meta(module) else _meta_copy(module)
+def _probe(meta: nn.Module, height: int, width: int) -> tuple[int, int, int] | None:
+    """Output (C, H, W) of a meta-device trunk for an input of this size; None if too small."""
     try:
         out = meta(torch.empty(1, 3, height, width, device="meta"))
     except RuntimeError:
@@ -347,19 +346,8 @@ def _probe(module: nn.Module, height: int, width: int) -> tuple[int, int, int] |
     return int(out.shape[1]), int(out.shape[2]), int(out.shape[3])
 
 
-def _on_meta(module: nn.Module) -> bool:
-    return all(p.device.type == "meta" for p in module.parameters())
-
-
-def _meta_copy(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module).to("meta")
-
-
-def min_side(module: nn.Module) -> int:
-    """Smallest square input the trunk accepts (1 for ResNets, 32 for VGG, ...)."""
-    meta = module if _on_meta(module) else _meta_copy(module)
+def min_side(meta: nn.Module) -> int:
+    """Smallest square input a meta-device trunk accepts (1 for ResNets, 32 for VGG, ...)."""
     low, high = 1, 1
     while _probe(meta, high, high) is None:
         low, high = high + 1, high * 2
