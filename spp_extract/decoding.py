@@ -32,6 +32,8 @@ def decode_item(ref: images.ImageRef, index: int, min_side: int, config: Config)
                                 allow_truncated=config.allow_truncated)  # fmt: skip
     except ImageError as exc:
         return failure(ref, index, exc.kind, exc.message)
+    except Exception as exc:  # noqa: BLE001 - one image must never stop the run
+        return failure(ref, index, "decoder_error", f"{type(exc).__name__}: {exc}")
     _, height, width = decoded.pixels.shape
     meta = RowMeta(
         image_size=(height, width),

@@ -77,3 +77,18 @@ def test_file_vanishing_mid_run_is_recorded(tmp_path, folder, monkeypatch):
     result = extract([folder], out, config=CONFIG.replace(workers=0))
     assert _failed(out) == {"gray.png": "missing"}
     assert (result.images, result.failed) == (11, 1)
+
+
+def test_an_unexpected_decoder_exception_is_a_record(tmp_path, folder, monkeypatch):
+    real_decode = images.decode
+
+    def buggy(path, **kwargs):
+        if path.endswith("gray.png"):
+            raise ZeroDivisionError("a decoder bug")
+        return real_decode(path, **kwargs)
+
+    monkeypatch.setattr(images, "decode", buggy)
+    out = tmp_path / "out.h5"
+    result = extract([folder], out, config=CONFIG.replace(workers=0))
+    assert _failed(out) == {"gray.png": "decoder_error"}
+    assert (result.images, result.failed) == (11, 1)
