@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .config import AUTO, int_or_auto, load_config, parse_levels, to_toml
+from .config import int_or_auto, load_config, parse_levels, to_toml
 from .errors import ConfigError, SppError
 
 app = typer.Typer(
@@ -209,4 +209,4 @@ def main() -> None:
     app(prog_name="spp-extract")
 
 
-__all__ = ["AUTO", "app", "main"]
+__all__ = ["app", "main"]
