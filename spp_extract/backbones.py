@@ -375,9 +375,10 @@ def describe(backbone: str, layer: str = "") -> tuple[str, int, bool]:
     return resolved.layer, probe[0], family.maskable
 
 
-def build_trunk(config: Config) -> Trunk:
-    """Build the trunk with its weights. Raises ConfigError for anything the user can fix."""
-    resolved = resolve(config)
+def build_trunk(config: Config, resolved: ResolvedModel | None = None) -> Trunk:
+    """Build the trunk with its weights. Raises ConfigError for anything the user can fix.
+    ``resolved``: ``resolve(config)`` if the caller has it (it hashes a weights file)."""
+    resolved = resolved or resolve(config)
     family = _check_backbone(config.backbone)
     enum_weights = None if resolved.weights.startswith(("none", "file:")) else _weights_enum(config)
     if enum_weights is not None:

@@ -42,7 +42,7 @@ class Extractor:
         if any(tuple(s) != tuple(x.shape[-2:]) for s in sizes):
             # Outside each image (padding, and the min-size margin): exactly 0 after normalising.
             mask = valid_mask(torch.tensor(sizes, device=self.device), x.shape[-2], x.shape[-1])
-            x = torch.where(mask, x, torch.zeros((), device=self.device))
+            x = torch.where(mask, x, 0.0)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         inputs = [m.input_size for m in metas]

@@ -119,7 +119,7 @@ class MaskedTrunk:
             if self._batch is None:
                 return None
             x = args[0]
-            return (torch.where(self._mask(index, 0, x), x, torch.tensor(fill, dtype=x.dtype, device=x.device)),)
+            return (torch.where(self._mask(index, 0, x), x, fill),)  # a scalar: no tensor per call
 
         return hook
 
@@ -128,7 +128,7 @@ class MaskedTrunk:
             if self._batch is None:
                 return None
             # Positions outside the valid region may hold -inf; keep them finite for what follows.
-            return torch.where(self._mask(index, 1, out), out, torch.zeros((), dtype=out.dtype, device=out.device))
+            return torch.where(self._mask(index, 1, out), out, 0.0)
 
         return hook
 

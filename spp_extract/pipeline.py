@@ -352,7 +352,7 @@ def extract(
             raise (ConfigError if kind == "ConfigError" else OutputError)(message)
         run_dir = Path(setup[0])
         refs = _broadcast(ctx, refs if ctx.rank == 0 else None)  # one list, the same everywhere
-        trunk = build_trunk(config)  # loads weights: may still raise ConfigError
+        trunk = build_trunk(config, resolved)  # loads weights: may still raise ConfigError
         # From here on, things are written; a signal is noted, and acted on between batches.
         stack.enter_context(_signals(caught))
         error: str | None = None
