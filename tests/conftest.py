@@ -72,3 +72,28 @@ def reference_vector(trunk: Trunk, path: Path, levels: tuple[int, ...], mode: st
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def fast_commits(folder: Path) -> Path:
+    """A config file that commits a shard per batch: many commits to interrupt."""
+    path = folder / "fast.toml"
+    path.write_text("commit_seconds = 0.01\n")
+    return path
+
+
+def keyed(out: Path) -> dict:
+    """An output's rows by path, checking there are no duplicates and no fill-value rows."""
+    from spp_extract import read_features
+
+    data = read_features(out)
+    assert len(set(data.paths)) == len(data.paths), "a path appears twice"
+    assert not np.isnan(data.features).any(), "fill-value rows"
+    return {"rows": dict(zip(data.paths, data.features, strict=True)), "failed": sorted(data.failed_paths)}
+
+
+def assert_same(got: dict, want: dict, failed: list[str]) -> None:
+    """Same paths, vectors within 1e-4 relative, and exactly the expected failures."""
+    assert sorted(got["rows"]) == sorted(want["rows"])
+    for path, vector in want["rows"].items():
+        assert rel_err(got["rows"][path], vector) <= 1e-4, path
+    assert got["failed"] == want["failed"] == failed

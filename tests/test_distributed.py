@@ -10,13 +10,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import photo, rel_err
+from conftest import assert_same, fast_commits, keyed, photo
 from PIL import Image
 
-from spp_extract import merge, read_features
+from spp_extract import merge
 from spp_extract.writer import shards_root
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
+FAILED = ["broken.png"]
 ARGS = ["--backbone", "resnet18", "--weights", "none", "--workers", "0", "--batch-size", "2", "-q"]
 
 
@@ -30,47 +31,27 @@ def inputs(tmp_path_factory, example_dir):
     return folder
 
 
-def _config(folder: Path) -> Path:
-    path = folder / "fast.toml"
-    path.write_text("commit_seconds = 0.01\n")
-    return path
-
-
 def _run(inputs, out, *extra, fault="none", nproc=2):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={nproc}"] if nproc else [sys.executable]  # fmt: skip
     command = [*launcher, str(RUNNER), fault, "--", "extract", str(inputs), "-o", str(out), *ARGS,
-               "--config", str(_config(out.parent)), *extra]  # fmt: skip
+               "--config", str(fast_commits(out.parent)), *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(RUNNER.parent.parent)}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _keyed(out):
-    data = read_features(out)
-    assert len(set(data.paths)) == len(data.paths)
-    assert not np.isnan(data.features).any()
-    return dict(zip(data.paths, data.features, strict=True)), sorted(data.failed_paths)
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, inputs):
     out = tmp_path_factory.mktemp("single") / "single.h5"
     assert _run(inputs, out, nproc=0).returncode == 0
-    return _keyed(out)
-
-
-def _assert_same(got, want):
-    rows, failed = got
-    assert sorted(rows) == sorted(want[0]) and failed == want[1] == ["broken.png"]
-    for path, vector in want[0].items():
-        assert rel_err(rows[path], vector) <= 1e-4, path
+    return keyed(out)
 
 
 def test_two_ranks_equal_one_process_and_merge_equals_view(tmp_path, inputs, single):
     out = tmp_path / "out.h5"
     result = _run(inputs, out)
     assert result.returncode == 0, result.stderr
-    _assert_same(_keyed(out), single)
+    assert_same(keyed(out), single, FAILED)
     shards = sorted(p.name for p in shards_root(out).rglob("a*.h5"))
     assert any("-r0000-" in s for s in shards) and any("-r0001-" in s for s in shards)
     merged = tmp_path / "merged.h5"
@@ -81,7 +62,7 @@ def test_two_ranks_equal_one_process_and_merge_equals_view(tmp_path, inputs, sin
         assert list(a["paths"].asstr()[:]) == list(b["paths"].asstr()[:])
         assert dict(a.attrs)["feature_dim"] == dict(b.attrs)["feature_dim"]
     shutil.rmtree(shards_root(out))
-    _assert_same(_keyed(merged), single)  # self-contained
+    assert_same(keyed(merged), single, FAILED)  # self-contained
 
 
 def test_a_dead_rank_is_redone_on_resume(tmp_path, inputs, single):
@@ -92,14 +73,14 @@ def test_a_dead_rank_is_redone_on_resume(tmp_path, inputs, single):
     assert list(shards_root(out).rglob("a*-r0001-*.h5"))  # rank 1's committed work survived
     resumed = _run(inputs, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    _assert_same(_keyed(out), single)
+    assert_same(keyed(out), single, FAILED)
 
 
 def test_sigterm_under_torchrun_keeps_work(tmp_path, inputs, single):
     out = tmp_path / "out.h5"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     command = [*launcher, str(RUNNER), "slow:0.2", "--", "extract", str(inputs), "-o", str(out),
-               *ARGS, "--config", str(_config(tmp_path))]  # fmt: skip
+               *ARGS, "--config", str(fast_commits(tmp_path))]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(RUNNER.parent.parent)}
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     import time
@@ -112,4 +93,4 @@ def test_sigterm_under_torchrun_keeps_work(tmp_path, inputs, single):
     assert process.returncode != 0
     resumed = _run(inputs, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    _assert_same(_keyed(out), single)
+    assert_same(keyed(out), single, FAILED)

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import photo, rel_err
+from conftest import assert_same, fast_commits, keyed, photo
 from PIL import Image
 
 from spp_extract import Config, ConfigError, OutputError, extract, read_features
 from spp_extract.writer import OutputLock, shards_root
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
+FAILED = ["broken.jpg"]
 ARGS = ["--backbone", "resnet18", "--weights", "none", "--workers", "0", "--batch-size", "2", "-q"]
 
 
@@ -36,40 +37,17 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, example_dir: Path) -> Path:
 def reference(tmp_path_factory: pytest.TempPathFactory, inputs: Path) -> dict:
     out = tmp_path_factory.mktemp("ref") / "ref.h5"
     assert _cli("none", inputs, out).returncode == 0
-    return _keyed(out)
+    return keyed(out)
 
 
 def _cli(fault: str, inputs: Path, out: Path, *extra: str, wait: bool = True):
     command = [sys.executable, str(RUNNER), fault, "--", "extract", str(inputs), "-o", str(out),
-               *ARGS, "--config", str(_fast_commits(out.parent)), *extra]  # fmt: skip
+               *ARGS, "--config", str(fast_commits(out.parent)), *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(RUNNER.parent.parent)}
     if not wait:  # its own process group, like a job in a terminal
         return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)  # fmt: skip
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _fast_commits(folder: Path) -> Path:
-    path = folder / "fast.toml"
-    path.write_text("commit_seconds = 0.01\n")  # a shard per batch: many commits to kill in
-    return path
-
-
-def _keyed(out: Path) -> dict:
-    data = read_features(out)
-    assert len(set(data.paths)) == len(data.paths), "a path appears twice"
-    assert not np.isnan(data.features).any(), "fill-value rows"
-    return {
-        "rows": dict(zip(data.paths, data.features, strict=True)),
-        "failed": sorted(data.failed_paths),
-    }
-
-
-def _assert_same(got: dict, want: dict) -> None:
-    assert sorted(got["rows"]) == sorted(want["rows"])
-    for path, vector in want["rows"].items():
-        assert rel_err(got["rows"][path], vector) <= 1e-4, path
-    assert got["failed"] == want["failed"] == ["broken.jpg"]
 
 
 @pytest.mark.parametrize(
@@ -84,7 +62,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, inputs, referenc
     assert not out.exists()
     resumed = _cli("none", inputs, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    _assert_same(_keyed(out), reference)
+    assert_same(keyed(out), reference, FAILED)
     assert not list(out.parent.glob("*.tmp")) and not list(shards_root(out).rglob("*.tmp"))
 
 
@@ -94,7 +72,7 @@ def test_repeated_kills_then_resume(tmp_path, inputs, reference):
         extra = ["--resume"] if shards_root(out).exists() else []
         assert _cli(fault, inputs, out, *extra).returncode == -signal.SIGKILL
     assert _cli("none", inputs, out, "--resume").returncode == 0
-    _assert_same(_keyed(out), reference)
+    assert_same(keyed(out), reference, FAILED)
 
 
 @pytest.mark.parametrize(
@@ -121,7 +99,7 @@ def test_signal_stops_keeps_work_and_resumes(tmp_path, inputs, reference, signum
     assert "--resume" in stderr and "committed" in stderr
     resumed = _cli("none", inputs, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    _assert_same(_keyed(out), reference)
+    assert_same(keyed(out), reference, FAILED)
 
 
 def test_disk_full_stops_cleanly_and_resumes(tmp_path, inputs, reference):
@@ -131,7 +109,7 @@ def test_disk_full_stops_cleanly_and_resumes(tmp_path, inputs, reference):
     lines = full.stderr.strip().splitlines()
     assert len(lines) == 1 and "disk is full" in lines[0] and "--resume" in lines[0]
     assert _cli("none", inputs, out, "--resume").returncode == 0
-    _assert_same(_keyed(out), reference)
+    assert_same(keyed(out), reference, FAILED)
 
 
 def test_real_full_tmpfs(tmp_path, inputs):
@@ -227,7 +205,7 @@ def test_overwrite_keeps_old_file_usable_until_the_new_run_finishes(tmp_path, in
     out = tmp_path / "out.h5"
     assert _cli("none", inputs, out).returncode == 0
     assert _cli("kill-after-commit:3", inputs, out, "--overwrite", "--levels", "2,1").returncode == -9
-    _assert_same(_keyed(out), reference)  # still the old, complete result
+    assert_same(keyed(out), reference, FAILED)  # still the old, complete result
     assert len(list(shards_root(out).glob("run-*"))) == 2
     assert _cli("none", inputs, out, "--overwrite", "--levels", "2,1").returncode == 0
     assert read_features(out).features.shape[1] == 512 * 5
