@@ -29,6 +29,13 @@ LevelsOpt = Annotated[str | None, typer.Option(help="Pyramid levels, comma-separ
 PoolingOpt = Annotated[str | None, typer.Option(help="max or avg.")]
 
 
+@app.callback()
+def _command_line() -> None:
+    from .errors import use_command_line_terms
+
+    use_command_line_terms()  # messages name --flags, not Python keywords
+
+
 def _overrides(**values: Any) -> dict[str, Any]:
     if values.get("levels") is not None:
         values["levels"] = parse_levels(values["levels"])
@@ -177,8 +184,6 @@ def inspect(
     from .writer import check_sources, summary
 
     try:
-        if not path.is_file():
-            raise ConfigError(f"'{path}' does not exist")
         check_sources(path)
         typer.echo("\n".join(summary(path, rows)))
     except SppError as exc:
@@ -195,8 +200,6 @@ def merge(
     from .writer import merge as do_merge
 
     try:
-        if not source.is_file():
-            raise ConfigError(f"'{source}' does not exist")
         if dest.exists() and not overwrite:
             raise ConfigError(f"'{dest}' exists; pass --overwrite to replace it")
         rows = do_merge(source, dest)

@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -41,16 +42,18 @@ from .decoding import (
     isolated_decode,
     read_sizes,
 )  # fmt: skip
-from .errors import ConfigError, ImageError, OutputError, SppError
+from .errors import ConfigError, ImageError, OutputError, SppError, option, printable
 from .planning import BUCKET, Planner, partition
 from .pooling import spp_dim
 from .writer import (
     OutputLock,
     ShardWriter,
     assemble,
+    identify,
     next_attempt,
     read_state,
     remove_partial,
+    remove_stale_tmp,
     remove_tree,
     run_attrs,
     shard_name,
@@ -230,42 +233,99 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in new if old.get(key) != new.get(key)]
 
 
-def _check_output(output: Path, resume: bool, overwrite: bool) -> None:
+def _check_output_name(output: Path, resume: bool, overwrite: bool) -> None:
+    """What can be refused before anything is touched: the folder, the name."""
     if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other; pick one")
+        raise ConfigError(f"{option('resume')} and {option('overwrite')} exclude each other; pick one")
     parent = output.parent
     if not parent.is_dir():
         raise ConfigError(f"output folder '{parent}' does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"output folder '{parent}' is not writable; choose another -o")
+        raise ConfigError(f"output folder '{parent}' is not writable; choose another output")
     if output.is_dir():
         raise ConfigError(f"output '{output}' is a directory; give a file name like features.h5")
-    if OutputLock(output).held_elsewhere():
-        OutputLock(output).acquire()  # raises the explanation
-    exists = output.exists() or shards_root(output).exists()
-    if exists and not (resume or overwrite):
+    name = os.fsencode(output.name)
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"output name '{printable(output.name)}' is not valid UTF-8 (HDF5 stores "
+                          "it inside the file); choose a UTF-8 name") from None  # fmt: skip
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = len(name) + len(".shards")
+    if longest > limit:
+        raise ConfigError(f"output name is {len(name)} bytes; its shards folder '{output.name[:20]}"
+                          f"....shards' would exceed this file system's {limit}-byte limit; "
+                          f"choose a name of at most {limit - 7} bytes")  # fmt: skip
+
+
+def _check_existing(output: Path, resume: bool, overwrite: bool) -> bool:
+    """Under the output lock: may this run write here? Returns whether an output exists."""
+    root = shards_root(output)
+    if output.exists():
+        attrs = identify_output(output, resume, overwrite)
+        if resume and attrs.get("layout") == "merged":
+            raise ConfigError(
+                f"'{output}' is a merged, self-contained copy (layout = merged); "
+                f"{option('resume')} continues a run's own output (resume that and merge again), "
+                f"or pass {option('overwrite')} to start a new run here"
+            )
+    elif root.is_dir() and [p for p in root.iterdir() if p.name != ".lock"]:  # ours holds .lock
+        unexpected = [p.name for p in root.iterdir() if p.name != ".lock" and not p.name.startswith("run-")]
+        if unexpected:
+            raise ConfigError(
+                f"'{root}' holds files spp-extract did not write (first: "
+                f"{printable(unexpected[0])!r}); move them away or choose another output"
+            )
+    else:
+        return False
+    if not (resume or overwrite):
         raise ConfigError(
-            f"output '{output}' already exists; pass --resume to continue it or --overwrite to "
-            "replace it"
+            f"output '{output}' already exists; pass {option('resume')} to continue it or "
+            f"{option('overwrite')} to replace it"
         )
+    return output.exists()
+
+
+def identify_output(output: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
+    """An existing output must be this tool's; anything else is never replaced."""
+    try:
+        return identify(output)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc}; refusing to {'continue' if resume else 'replace' if overwrite else 'touch'} "
+            "it: move it away or choose another output"
+        ) from None
+
+
+_RUN = re.compile(r"^run-(\d{6})-")
+
+
+def _run_order(path: Path) -> tuple[int, str]:
+    # New runs are numbered (not timed: clocks and time zones move); older names sort first.
+    match = _RUN.match(path.name)
+    return (int(match.group(1)) if match else -1, path.name)
 
 
 def _run_dir(output: Path, fp: dict[str, Any], resume: bool) -> Path:
     """The run to continue (newest, when resuming) or a new one. Raises on a mismatch."""
     root = shards_root(output)
-    runs = sorted(p for p in root.glob("run-*") if p.is_dir()) if root.is_dir() else []
+    runs = sorted((p for p in root.glob("run-*") if p.is_dir()), key=_run_order) if root.is_dir() else []
     if resume and runs:
         run_dir = runs[-1]
         old = _read_run_toml(run_dir).get("fingerprint", {})
         diff = _differences(old, fp)
         if diff:
             raise ConfigError(
-                f"--resume: the configuration differs from the run in {run_dir.name} ("
-                + "; ".join(diff) + "); use the same settings, or --overwrite to start again"
+                f"{option('resume')}: the configuration differs from the run in {run_dir.name} ("
+                + "; ".join(diff) + f"); use the same settings, or {option('overwrite')} to start again"
             )
         return run_dir
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return root / f"run-{stamp}-{os.getpid()}"
+    number = _run_order(runs[-1])[0] + 1 if runs else 0
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return root / f"run-{max(number, 0):06d}-{stamp}-{os.getpid()}"
 
 
 @contextlib.contextmanager
@@ -298,7 +358,7 @@ def _broadcast(ctx: Dist, value: Any) -> Any:
 
 
 def extract(
-    inputs: Sequence[str | os.PathLike[str]],
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
     *,
     config: Config | None = None,
@@ -310,10 +370,13 @@ def extract(
 ) -> Result:
     """Extract one SPP vector per image into the HDF5 file ``output``.
 
-    Configuration problems raise ConfigError before anything is written; images that cannot
-    be used become failure records. ``progress(done, total)`` is called after each batch.
-    Under torchrun (WORLD_SIZE > 1) every rank calls this with the same arguments.
+    ``inputs``: a folder or file, or a list of them. Configuration problems raise ConfigError
+    before anything is written; images that cannot be used become failure records.
+    ``progress(done, total)`` is called after each batch. Under torchrun (WORLD_SIZE > 1)
+    every rank calls this with the same arguments.
     """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
     config = config or Config()
     output = Path(output).absolute()
     ctx = _dist_from_env()
@@ -331,26 +394,32 @@ def extract(
     lock = OutputLock(output) if ctx.rank == 0 else None
     caught: list[int] = []
     stack = contextlib.ExitStack()
+    run_dir: Path | None = None
+    keep_old_output = False
+    refs: list[images.ImageRef] = []
     try:
-        # Rank 0 checks what would be written; every rank learns the outcome.
-        setup: tuple[str, str | None] = ("", None)
+        # Rank 0 takes the lock first, then checks what is there, and holds it to the end:
+        # nothing can change the output between the check and the writing.
+        setup: tuple[str, bool, str | None] = ("", False, None)
         if ctx.rank == 0:
+            assert lock is not None
             try:
-                _check_output(output, resume, overwrite)
+                _check_output_name(output, resume, overwrite)
+                lock.acquire()
+                existed = _check_existing(output, resume, overwrite)
                 refs = images.find_images(inputs, files_from=files_from,
                                           follow_symlinks=config.follow_symlinks)  # fmt: skip
                 if not refs:
                     raise ConfigError("no images found in the inputs (looked for "
                                       + ", ".join(sorted(images.IMAGE_EXTENSIONS)) + ")")
-                run_dir = _run_dir(output, fp, resume)
-                setup = (str(run_dir), None)
+                setup = (str(_run_dir(output, fp, resume)), overwrite and existed, None)
             except SppError as exc:
-                setup = ("", f"{type(exc).__name__}:{exc}")
+                setup = ("", False, f"{type(exc).__name__}:{exc}")
         setup = _broadcast(ctx, setup)
-        if setup[1] is not None:
-            kind, _, message = setup[1].partition(":")
+        if setup[2] is not None:
+            kind, _, message = setup[2].partition(":")
             raise (ConfigError if kind == "ConfigError" else OutputError)(message)
-        run_dir = Path(setup[0])
+        run_dir, keep_old_output = Path(setup[0]), setup[1]
         refs = _broadcast(ctx, refs if ctx.rank == 0 else None)  # one list, the same everywhere
         trunk = build_trunk(config, resolved)  # loads weights: may still raise ConfigError
         # From here on, things are written; a signal is noted, and acted on between batches.
@@ -359,40 +428,42 @@ def extract(
         attempt = 0
         if ctx.rank == 0:
             try:
-                assert lock is not None
-                lock.acquire()
                 run_dir.mkdir(parents=True, exist_ok=True)
-                for stale in output.parent.glob(f".{output.name}.*.tmp"):
-                    stale.unlink(missing_ok=True)  # a view or merge killed before its rename
+                remove_stale_tmp(output)  # a view or merge killed before its rename
                 if remove_partial(run_dir):
                     log.info("discarded half-written shards from an interrupted run")
                 _write_run_toml(run_dir, fp, resolved_config(config, resolved))
                 attempt = next_attempt(run_dir)
-            except SppError as exc:
+            except (SppError, OSError) as exc:
                 error = str(exc)
         error, attempt = _broadcast(ctx, (error, attempt))
         if error is not None:
             raise OutputError(error)
         padded = _padded(config, device, trunk)
-        processed, failures = _run_rank(
-            refs, run_dir, attempt, trunk, config, device, padded, ctx, retry_failed, progress,
-            caught,
-        )  # fmt: skip
         dim = spp_dim(trunk.channels, config.levels)
+        attrs = run_attrs(
+            backbone=resolved.backbone, layer=resolved.layer, weights=resolved.weights,
+            levels=list(config.levels), pooling=config.pooling, channels=trunk.channels,
+            feature_dim=dim, dtype=config.dtype, mean=list(resolved.mean),
+            std=list(resolved.std), precision=config.precision,
+            config=to_toml(resolved_config(config, resolved)),
+            spp_extract_version=__version__, torch_version=str(torch.__version__),
+            torchvision_version=str(torchvision.__version__), device=device.type,
+            batching="padded" if padded else "same-size", world_size=ctx.world,
+        )  # fmt: skip
+        try:
+            processed, failures = _run_rank(
+                refs, run_dir, attempt, trunk, config, device, padded, ctx, retry_failed,
+                progress, caught,
+            )  # fmt: skip
+        except (Interrupted, OutputError):
+            if ctx.rank == 0 and not keep_old_output:
+                _partial_view(output, run_dir, refs, dim, config.dtype, attrs)
+            raise
         if ctx.active:
             dist.barrier()
         rows = failed = 0
         if ctx.rank == 0:
-            attrs = run_attrs(
-                backbone=resolved.backbone, layer=resolved.layer, weights=resolved.weights,
-                levels=list(config.levels), pooling=config.pooling, channels=trunk.channels,
-                feature_dim=dim, dtype=config.dtype, mean=list(resolved.mean),
-                std=list(resolved.std), precision=config.precision,
-                config=to_toml(resolved_config(config, resolved)),
-                spp_extract_version=__version__, torch_version=str(torch.__version__),
-                torchvision_version=str(torchvision.__version__), device=device.type,
-                batching="padded" if padded else "same-size", world_size=ctx.world,
-            )  # fmt: skip
             rows, failed = assemble(output, run_dir, [r.key_bytes for r in refs], dim,
                                     config.dtype, attrs)  # fmt: skip
             for other in shards_root(output).glob("run-*"):
@@ -403,9 +474,23 @@ def extract(
     finally:
         stack.close()
         if lock is not None:
-            lock.release()
+            lock.release(remove_if_unused=True)
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _partial_view(output: Path, run_dir: Path, refs: Sequence[images.ImageRef], dim: int,
+                  dtype: str, attrs: dict[str, Any]) -> None:  # fmt: skip
+    """After an interruption: the output shows what is committed (``complete = false``)."""
+    try:
+        assemble(output, run_dir, [r.key_bytes for r in refs], dim, dtype, attrs, complete=False)
+    except SppError as exc:
+        log.warning("could not write the partial output (%s)", exc)
+
+
+def _source(ref: images.ImageRef) -> bytes:
+    """Where the file is: a resume redoes a stored path that now names another file."""
+    return os.fsencode(os.path.abspath(ref.path))
 
 
 def _padded(config: Config, device: torch.device, trunk: Trunk) -> bool:
@@ -428,7 +513,8 @@ def _run_rank(
     if ctx.rank == 0:
         state = read_state(run_dir)
         stats = [file_stat(r) for r in refs]
-        todo = [i for i, r in enumerate(refs) if not state.done(r.key_bytes, *stats[i], retry_failed)]
+        todo = [i for i, r in enumerate(refs)
+                if not state.done(r.key_bytes, _source(r), *stats[i], retry_failed)]  # fmt: skip
     todo = _broadcast(ctx, todo)
     assert todo is not None
     workers = _workers(config, device, ctx)
@@ -477,10 +563,11 @@ def _run_rank(
         if window not in shards:
             w = planner.windows[window]
             keys = [r.key_bytes for r in work[w.start : w.stop]]
+            sources = [_source(r) for r in work[w.start : w.stop]]
             attrs = {"attempt": attempt, "rank": ctx.rank, "window": window}
             # h5py serialises calls itself, so the writer thread may be busy with the last one
             shards[window] = ShardWriter(run_dir, shard_name(attempt, ctx.rank, window), keys,
-                                         extractor.dim, config.dtype, attrs)  # fmt: skip
+                                         sources, extractor.dim, config.dtype, attrs)  # fmt: skip
         return shards[window]
 
     def commit(window: int) -> None:

@@ -16,9 +16,11 @@ This is the only module that knows h5py.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -30,7 +32,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import OutputError
+from .errors import ConfigError, OutputError, option, printable
 
 FORMAT_VERSION = 1
 STATUS_MISSING, STATUS_OK, STATUS_FAILED = 0, 1, 2
@@ -71,27 +73,48 @@ def _check_space(directory: Path, needed: int) -> None:
         raise _disk_error(OSError(errno.ENOSPC, f"{free} bytes free, {needed} needed"), directory)
 
 
-def _disk_error(exc: Exception, path: Path) -> OutputError:
+def _disk_error(exc: Exception, path: Path, advice: str | None = None) -> OutputError:
     code = getattr(exc, "errno", None)
     full = code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) or "errno = 28" in str(exc)
-    what = "the disk is full" if full else f"cannot write ({exc})"
-    return OutputError(
-        f"stopped: {what} while writing {path}; everything committed so far is kept — free "
-        "space, then rerun the same command with --resume"
-    )
+    what = "the disk is full" if full else f"cannot write ({printable(' '.join(str(exc).split()))})"
+    if advice is None:
+        advice = (f"everything committed so far is kept — {'free space' if full else 'fix that'}, "
+                  f"then rerun the same command with {option('resume')}")  # fmt: skip
+    return OutputError(f"stopped: {what} while writing {path}; {advice}")
+
+
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    # A forked child (a decode worker) shares the lock's open file description: closing its
+    # copies means a killed parent's lock is released at once, not when the last worker exits.
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 class OutputLock:
     """One writer per output: an advisory lock on ``<output>.shards/.lock`` (released by the
-    kernel when the process dies, so a killed run never leaves a stale lock)."""
+    kernel when the process dies, so a killed run never leaves a stale lock). Forked children
+    do not hold it."""
 
     def __init__(self, output: Path) -> None:
         self.path = shards_root(output) / ".lock"
         self._fd: int | None = None
+        self.created_root = False  # the shards folder did not exist before acquire()
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        root = self.path.parent
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"'{root}' exists and is not a folder; move it away or choose another -o")
+        self.created_root = not root.exists()
+        root.mkdir(exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -101,22 +124,21 @@ class OutputLock:
                 "for it to finish or stop it first"
             ) from None
         self._fd = fd
+        _HELD_LOCKS.add(fd)
 
-    def held_elsewhere(self) -> bool:
-        """True if another process holds the lock (checked without creating anything)."""
-        if self._fd is not None or not self.path.exists():
-            return False
-        try:
-            self.acquire()
-        except OutputError:
-            return True
-        self.release()
-        return False
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+    def release(self, *, remove_if_unused: bool = False) -> None:
+        """Release the lock; ``remove_if_unused``: also remove the shards folder if this run
+        created it and wrote nothing into it (a refusal must leave no trace)."""
+        if self._fd is None:
+            return
+        if remove_if_unused and self.created_root:
+            with contextlib.suppress(OSError):
+                if [p.name for p in self.path.parent.iterdir()] == [".lock"]:
+                    self.path.unlink()
+                    self.path.parent.rmdir()
+        _HELD_LOCKS.discard(self._fd)
+        os.close(self._fd)
+        self._fd = None
 
 
 @dataclass
@@ -139,12 +161,13 @@ class ShardWriter:
     vectors are written as they arrive, metadata at commit."""
 
     def __init__(
-        self, directory: Path, name: str, keys: Sequence[bytes], dim: int, dtype: str,
-        attrs: dict[str, Any],
+        self, directory: Path, name: str, keys: Sequence[bytes], sources: Sequence[bytes],
+        dim: int, dtype: str, attrs: dict[str, Any],
     ) -> None:  # fmt: skip
         self.final = directory / name
         self.tmp = directory / (name + ".tmp")
         self.keys = list(keys)
+        self.sources = list(sources)  # absolute path of each file: a resume checks it too
         self.status = np.zeros(len(keys), np.int8)
         self.meta: list[RowMeta | None] = [None] * len(keys)
         self.dtype = np.dtype(dtype)
@@ -188,13 +211,14 @@ class ShardWriter:
         f = self._file
         try:
             f.create_dataset("path_bytes", data=_bytes_array(self.keys), dtype=_BYTES)
+            f.create_dataset("source_bytes", data=_bytes_array(self.sources), dtype=_BYTES)
             f.create_dataset("paths", data=[_text(k) for k in self.keys], dtype=_STR)
             f.create_dataset("status", data=self.status)
             metas = [m or RowMeta() for m in self.meta]
             for name, (dtype, _width) in ROW_FIELDS.items():
                 f.create_dataset(name, data=[getattr(m, name) for m in metas], dtype=dtype)
             f.create_dataset("error_class", data=[m.error_class for m in metas], dtype=_STR)
-            f.create_dataset("error", data=[m.error for m in metas], dtype=_STR)
+            f.create_dataset("error", data=[printable(m.error) for m in metas], dtype=_STR)
             f.flush()
             f.close()
             with open(self.tmp, "rb+") as fh:
@@ -252,6 +276,7 @@ class Record:
     status: int
     file_size: int
     mtime_ns: int
+    source: bytes | None  # the file's absolute path (None in shards of older versions)
 
 
 @dataclass
@@ -261,10 +286,15 @@ class RunState:
     shards: list[Path]
     records: dict[bytes, Record] = field(default_factory=dict)
 
-    def done(self, key: bytes, file_size: int, mtime_ns: int, retry_failed: bool) -> bool:
-        """True if this image (unchanged since) already has a result that need not be redone."""
+    def done(self, key: bytes, source: bytes, file_size: int, mtime_ns: int,
+             retry_failed: bool) -> bool:  # fmt: skip
+        """True if this image (the same file, unchanged since) already has a result that need
+        not be redone. Same stored path but another file (other input folders with the same
+        names, sizes and times, as after ``cp -p``) is redone."""
         record = self.records.get(key)
         if record is None or (record.file_size, record.mtime_ns) != (file_size, mtime_ns):
+            return False
+        if record.source is not None and record.source != source:
             return False
         return record.status == STATUS_OK or not retry_failed
 
@@ -279,15 +309,17 @@ def read_state(run_dir: Path) -> RunState:
                 status = f["status"][:]
                 sizes = f["file_size"][:]
                 mtimes = f["mtime_ns"][:]
-        except (OSError, KeyError) as exc:
+                sources = ([bytes(k) for k in f["source_bytes"][:]] if "source_bytes" in f
+                           else [None] * len(keys))  # fmt: skip
+        except (OSError, KeyError, ValueError) as exc:
             raise OutputError(
-                f"shard {path} is unreadable ({exc}); move it away and rerun with --resume to "
-                "redo its images"
+                f"shard {path} is unreadable ({printable(str(exc))}); move it away and rerun with "
+                f"{option('resume')} to redo its images"
             ) from None
         for row, key in enumerate(keys):
             if status[row] != STATUS_MISSING:  # later shards supersede earlier ones
                 state.records[key] = Record(index, row, int(status[row]), int(sizes[row]),
-                                            int(mtimes[row]))  # fmt: skip
+                                            int(mtimes[row]), sources[row])  # fmt: skip
     return state
 
 
@@ -303,8 +335,30 @@ def _runs(rows: Iterable[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
     return runs
 
 
+def _tmp_prefix(path: Path) -> str:
+    """Temporary files beside ``path`` start with this; short whatever the name's length."""
+    digest = hashlib.sha1(os.fsencode(path.name)).hexdigest()[:12]
+    return f".spp-{digest}-"
+
+
 def _atomic_h5(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f"{_tmp_prefix(path)}{os.getpid()}.tmp")
+
+
+def remove_stale_tmp(path: Path) -> None:
+    """Remove temporary files a killed view or merge of ``path`` left behind."""
+    for stale in path.parent.glob(f"{_tmp_prefix(path)}*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _vds_name(path: str) -> str:
+    # HDF5 reads virtual-dataset source file names as printf-like patterns ("%b" = the view's
+    # own name, "%%" = "%"), so a literal "%" must be doubled.
+    return path.replace("%", "%%")
+
+
+def _vds_unname(name: str) -> str:
+    return re.sub("%%", "%", name)
 
 
 def _finish_atomic(tmp: Path, path: Path) -> None:
@@ -316,18 +370,21 @@ def _finish_atomic(tmp: Path, path: Path) -> None:
 
 def assemble(
     output: Path, run_dir: Path, keys: Sequence[bytes] | None, dim: int, dtype: str,
-    attrs: dict[str, Any],
+    attrs: dict[str, Any], *, complete: bool = True,
 ) -> tuple[int, int]:  # fmt: skip
     """Write ``output`` as a view over the run's shards, rows in ``keys`` order (sorted paths);
-    ``keys=None`` takes every image with a result. Returns (rows, failures)."""
+    ``keys=None`` takes every image with a result. ``complete=False`` (an interrupted run):
+    the images of ``keys`` that have a result so far, and root attribute ``complete = false``.
+    Returns (rows, failures)."""
     state = read_state(run_dir)
     wanted = keys if keys is not None else sorted(state.records)
     missing = [k for k in wanted if k not in state.records]
-    if missing:
+    if missing and complete:
         raise OutputError(
-            f"{len(missing)} images have no committed result (first: {_text(missing[0])!r}); "
-            "rerun with --resume"
+            f"{len(missing)} images have no committed result (first: {printable(_text(missing[0]))!r}); "
+            f"rerun with {option('resume')}"
         )
+    wanted = [k for k in wanted if k in state.records]
     records = [(k, state.records[k]) for k in wanted]
     ok = [(k, r) for k, r in records if r.status == STATUS_OK]
     failed = [(k, r) for k, r in records if r.status == STATUS_FAILED]
@@ -341,13 +398,14 @@ def assemble(
                 for shard, row, count, start in _runs((r.shard, r.row) for _, r in ok):
                     source_path = os.path.relpath(state.shards[shard], output.parent)
                     source = h5py.VirtualSource(
-                        source_path, "features", shape=handles[shard]["features"].shape
+                        _vds_name(source_path), "features", shape=handles[shard]["features"].shape
                     )
                     layout[start : start + count] = source[row : row + count]
                 out.create_virtual_dataset("features", layout, fillvalue=np.nan)
                 _write_rows(out, ok, handles)
                 _write_failed(out.create_group("failed"), failed, handles)
                 out.attrs.update(attrs)
+                out.attrs["complete"] = complete
                 out.attrs["layout"] = "view"
                 out.attrs["shards"] = os.path.relpath(run_dir, output.parent)
         finally:
@@ -389,29 +447,78 @@ def _write_failed(group: h5py.Group, records: Sequence[tuple[bytes, Record]],
     group.create_dataset("errors", data=_gather(records, handles, "error", _STR, None), dtype=_STR)
 
 
+def identify(path: Path) -> dict[str, Any]:
+    """The root attributes of an spp-extract file; ConfigError (one line) for anything else:
+    a missing path, a folder, a file that is not HDF5, an HDF5 file this tool did not write."""
+    if path.is_dir():
+        raise ConfigError(f"'{path}' is a folder; give an spp-extract .h5 file")
+    if not path.exists():
+        raise ConfigError(f"'{path}' does not exist")
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            attrs = dict(f.attrs)
+            names = set(f.keys())
+    except OSError as exc:
+        detail = "not an HDF5 file" if not h5py.is_hdf5(path) else printable(str(exc))
+        raise ConfigError(f"'{path}' is not an spp-extract file ({detail})") from None
+    if "format_version" not in attrs or not {"features", "paths", "failed"} <= names:
+        raise ConfigError(
+            f"'{path}' is an HDF5 file that spp-extract did not write (no format_version "
+            "attribute or no features/paths datasets)"
+        )
+    return attrs
+
+
 def check_sources(path: Path) -> None:
-    """Refuse a view whose shard files are missing (HDF5 would read them as fill values)."""
-    with h5py.File(path, "r") as f:
-        if "features" not in f:
-            raise OutputError(f"{path} has no 'features' dataset; is it an spp-extract file?")
+    """Refuse a view whose shard files are missing or unreadable (HDF5 would read them as fill
+    values): each source is opened as HDF5 would open it, relative to the view's folder."""
+    identify(path)
+    with h5py.File(path, "r", locking=False) as f:
         ds = f["features"]
         if not ds.is_virtual:
             return
-        missing = sorted({
-            m.file_name for m in ds.virtual_sources()
-            if not (path.parent / m.file_name).is_file()
-        })  # fmt: skip
+        sources = sorted({_vds_unname(m.file_name) for m in ds.virtual_sources()})
+        dim = ds.shape[1]
+    missing, broken = [], []
+    for name in sources:
+        source = path.parent / name
+        if not source.is_file():
+            missing.append(name)
+            continue
+        try:
+            with h5py.File(source, "r", locking=False) as shard:
+                if shard["features"].shape[1] != dim:
+                    broken.append(name)
+        except (OSError, KeyError):
+            broken.append(name)
     if missing:
+        expected = os.path.dirname(os.path.dirname(missing[0])) or "."
         raise OutputError(
             f"{path} is a view over shard files, and {len(missing)} are missing (first: "
-            f"{missing[0]}); keep {path.name}.shards/ beside it, or use `spp-extract merge` "
-            "for a self-contained copy"
+            f"{missing[0]}); it expects its shards folder at '{path.parent / expected}' — keep "
+            "or rename that folder back beside it (renaming the output alone is fine), or use "
+            "`spp-extract merge` for a self-contained copy"
+        )
+    if broken:
+        raise OutputError(
+            f"{path} is a view over shard files, and {len(broken)} cannot be read (first: "
+            f"{broken[0]}); resume the run that wrote it to redo their images"
         )
 
 
 def merge(source: Path, dest: Path, *, block_rows: int = 1024) -> int:
     """Copy a view (or any spp-extract file) into a self-contained file; returns rows."""
     check_sources(source)
+    if dest.is_dir():
+        raise ConfigError(f"'{dest}' is a folder; give a file name for the merged copy")
+    if not dest.parent.is_dir():
+        raise ConfigError(f"folder '{dest.parent}' does not exist; create it first")
+    root = shards_root(source).resolve()
+    if dest.resolve() == source.resolve() or dest.resolve().is_relative_to(root):
+        raise ConfigError(
+            f"'{dest}' is {source.name} itself or inside its shards folder; write the merged "
+            "copy somewhere else"
+        )
     tmp = _atomic_h5(dest)
     try:
         with h5py.File(source, "r") as src, h5py.File(tmp, "w") as out:
@@ -432,7 +539,8 @@ def merge(source: Path, dest: Path, *, block_rows: int = 1024) -> int:
         _finish_atomic(tmp, dest)
     except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
-        raise _disk_error(exc, dest) from None
+        raise _disk_error(exc, dest, "nothing was written; free space or choose another "
+                                     "destination, then run merge again") from None  # fmt: skip
     return n
 
 
@@ -447,13 +555,14 @@ class Features:
     failed_paths: list[str]
     failed_errors: list[str]
     attrs: dict[str, Any]
+    complete: bool  # False: written by an interrupted run, rows so far only (resume it)
 
 
 def read_features(path: str | os.PathLike[str]) -> Features:
     """Load a whole spp-extract HDF5 file (view or merged) after checking its shards exist."""
     path = Path(path)
     check_sources(path)
-    with h5py.File(path, "r") as f:
+    with h5py.File(path, "r", locking=False) as f:
         return Features(
             features=f["features"][:],
             paths=list(f["paths"].asstr()[:]),
@@ -462,30 +571,40 @@ def read_features(path: str | os.PathLike[str]) -> Features:
             failed_paths=list(f["failed/paths"].asstr()[:]),
             failed_errors=list(f["failed/errors"].asstr()[:]),
             attrs=dict(f.attrs),
+            complete=bool(f.attrs.get("complete", True)),
         )
 
 
+# what the run actually used, shown by `inspect` (the configuration may say "auto")
+_RECORDED = ("device", "batching", "world_size", "weights", "complete", "spp_extract_version",
+             "torch_version", "torchvision_version", "created")  # fmt: skip
+
+
 def summary(path: Path, rows: int = 3) -> list[str]:
-    """Human-readable lines for `spp-extract inspect`."""
-    with h5py.File(path, "r") as f:
+    """Human-readable lines for `spp-extract inspect` (call check_sources first)."""
+    with h5py.File(path, "r", locking=False) as f:
         features = f["features"]
         n, dim = features.shape
-        lines = [f"{path}: {n} images, {dim}-dim {features.dtype}, layout {f.attrs.get('layout', '?')}",
-                 "configuration:"]  # fmt: skip
+        lines = [f"{path}: {n} images, {dim}-dim {features.dtype}, layout {f.attrs.get('layout', '?')}"]
+        if not f.attrs.get("complete", True):
+            lines.append("INCOMPLETE: written by an interrupted run; rerun it with --resume")
+        lines.append("configuration:")
         lines += [f"  {line}" for line in str(f.attrs.get("config", "")).splitlines()]
-        for key in ("spp_extract_version", "torch_version", "torchvision_version", "created"):
-            lines.append(f"{key}: {f.attrs.get(key)}")
+        for key in _RECORDED:
+            if key in f.attrs:
+                value = f.attrs[key]
+                lines.append(f"{key}: {str(value).lower() if isinstance(value, np.bool_ | bool) else value}")
         failed = f["failed"]
         lines.append(f"failures: {failed['paths'].shape[0]}")
         for p, k, e in zip(failed["paths"].asstr()[:], failed["error_class"].asstr()[:],
                            failed["errors"].asstr()[:], strict=True):  # fmt: skip
-            lines.append(f"  {p}: {k}: {e}")
+            lines.append(f"  {printable(p)}: {k}: {printable(e)}")
         paths = f["paths"].asstr()
         for i in range(min(rows, n)):
             head = ", ".join(f"{v:.4g}" for v in features[i][:4])
             size = tuple(int(v) for v in f["image_size"][i])
             fmap = tuple(int(v) for v in f["feature_map_size"][i])
-            lines.append(f"row {i}: {paths[i]}  size {size}  map {fmap}  [{head}, ...]")
+            lines.append(f"row {i}: {printable(paths[i])}  size {size}  map {fmap}  [{head}, ...]")
     return lines
 
 

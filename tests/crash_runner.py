@@ -10,6 +10,7 @@ FAULT is one of:
   kill-in-put:N       SIGKILL inside the N-th vector write
   enospc-in-put:N     the N-th vector write fails with ENOSPC (disk full)
   slow:SECONDS        every decode sleeps this long (to signal a run mid-way)
+  slow-build:SECONDS  loading the model takes this much longer (a race with another run)
   rank=N/FAULT        FAULT in torchrun rank N only
   none
 """
@@ -96,6 +97,16 @@ def install(fault: str) -> None:
             return original_decode(*args, **kwargs)
 
         images.decode = slow_decode
+    elif name == "slow-build":
+        from spp_extract import pipeline
+
+        original_build = pipeline.build_trunk
+
+        def slow_build(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            time.sleep(float(arg))
+            return original_build(*args, **kwargs)
+
+        pipeline.build_trunk = slow_build
     elif name != "none":
         raise SystemExit(f"unknown fault {fault!r}")
 
