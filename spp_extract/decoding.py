@@ -115,17 +115,23 @@ def isolated_decode(ref: images.ImageRef, index: int, min_side: int, config: Con
 
     def target() -> None:
         item = decode_item(ref, index, min_side, config)
-        child.send(item)
+        # Plain data only: a tensor would go through torch's fd-passing pickler, which makes the
+        # parent connect back to this process after it has exited.
+        child.send((None if item.pixels is None else item.pixels.numpy(), item.meta))
 
     process = ctx.Process(target=target, daemon=True)
     process.start()
     child.close()
+    problem = "the decoder process died"
     try:
         if parent.poll(config.decode_timeout):
             try:
-                return parent.recv()
+                pixels, meta = parent.recv()
+                return Item(index, None if pixels is None else torch.from_numpy(pixels), meta)
             except EOFError:
                 pass
+            except Exception as exc:  # noqa: BLE001 - whatever came back is unusable
+                problem = f"the decoder's result could not be received ({type(exc).__name__}: {exc})"
         else:
             process.kill()
             return failure(ref, index, "decode_timeout",
@@ -133,7 +139,7 @@ def isolated_decode(ref: images.ImageRef, index: int, min_side: int, config: Con
     finally:
         process.join(5)
         parent.close()
-    return failure(ref, index, "decoder_crashed", f"the decoder process died (exit {process.exitcode})")
+    return failure(ref, index, "decoder_crashed", f"{problem} (exit {process.exitcode})")
 
 
 def failure(ref: images.ImageRef, index: int, kind: str, message: str) -> Item:

@@ -171,3 +171,40 @@ def test_other_runtime_errors_are_not_taken_for_out_of_memory(tmp_path):
     extractor._run = run
     with pytest.raises(RuntimeError, match="groups=1"):
         extractor(batch.pixels, batch.metas)
+
+
+def test_isolated_decode_returns_the_pixels_with_the_dataloader_imported(tmp_path):
+    import torch.utils.data  # noqa: F401 - as in a run: torch's fd-passing pickler is registered
+
+    path = tmp_path / "good.png"
+    Image.fromarray(photo(300, 400)).save(path)
+    want = images.decode(str(path), max_pixels=10**9).pixels
+    ref = images.ImageRef("good.png", str(path))
+    for _ in range(10):
+        item = decoding.isolated_decode(ref, 7, 1, CONFIG)
+        assert item.meta.error_class == "" and item.index == 7
+        assert torch.equal(item.pixels, want)
+
+
+def test_a_crashing_decoder_sharing_its_batch_with_same_size_images(tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, name in enumerate(["a.png", "b.png", "crash.png", "d.png", "e.png"]):
+        Image.fromarray(photo(40, 40, i)).save(folder / name)
+    real_decode = images.decode
+
+    def hostile(path, **kwargs):
+        if path.endswith("crash.png"):
+            os.kill(os.getpid(), 9)
+        return real_decode(path, **kwargs)
+
+    monkeypatch.setattr(images, "decode", hostile)
+    out = tmp_path / "out.h5"
+    result = extract([folder], out, config=CONFIG.replace(workers=2, batch_size=8))
+    assert _failed(out) == {"crash.png": "decoder_crashed"}
+    assert (result.images, result.failed) == (4, 1)
+    trunk = build_trunk(CONFIG)
+    data = read_features(out)
+    assert data.paths == ["a.png", "b.png", "d.png", "e.png"]
+    for row, path in enumerate(data.paths):
+        assert rel_err(data.features[row], reference_vector(trunk, folder / path, (4, 2, 1))) < 1e-4
