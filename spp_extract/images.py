@@ -73,7 +73,10 @@ class Found:
 
 
 def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    # The last suffix, as `find -iname '*.png'` sees it: os.path.splitext would give ".png"
+    # and "..png" no extension at all and leave them out silently.
+    stem, dot, suffix = name.rpartition(".")
+    return bool(dot) and "." + suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _folder_problem(exc: OSError) -> tuple[str, str]:

@@ -379,3 +379,9 @@ def test_an_unlisted_folder_fails_as_a_row_without_being_opened(tmp_path, monkey
     data = read_features(tmp_path / "out.h5")
     assert (result.images, result.failed) == (1, 1)
     assert data.paths == ["a.png"] and data.failed_paths == ["locked"]
+
+
+def test_names_of_dots_and_an_extension_are_images(tmp_path):
+    for name in [".png", "..png", "png", "x.png.", "...JPG"]:
+        (tmp_path / name).write_bytes(b"x")
+    assert [r.key for r in find_images([tmp_path]).refs] == ["...JPG", "..png", ".png"]
