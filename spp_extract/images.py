@@ -235,12 +235,26 @@ _TRANSPOSE = {
 }
 
 
+@functools.cache
+def _pillow_orients_tiff() -> bool:
+    """Whether this Pillow applies a TIFF's orientation itself (newer versions report the
+    displayed size at open and transpose while loading): then there is nothing left to do."""
+    exif = Image.Exif()
+    exif[_ORIENTATION] = 6
+    buf = io.BytesIO()
+    Image.new("L", (2, 1)).save(buf, "TIFF", exif=exif)
+    with Image.open(buf) as img:
+        return img.size == (1, 2)
+
+
 def orientation(img: Image.Image) -> int:
-    """The EXIF orientation (1-8) of a just-opened image, from its header: the one decision
-    that both :func:`read_size` and :func:`decode` use. A tag that is not a single number 1-8
-    (ASCII ``"6"``, two values, 9, broken EXIF) counts as 1. Pixel data is never loaded: a PNG
+    """The EXIF orientation (1-8) still to apply to a just-opened image, from its header: the
+    one decision that both :func:`read_size` and :func:`decode` use. A tag that is not a single
+    number 1-8 (ASCII ``"6"``, 9, broken EXIF) counts as 1. Pixel data is never loaded: a PNG
     ``eXIf`` chunk after the image data is not looked for (``PngImageFile.getexif`` would
-    decode the whole image to find one)."""
+    decode the whole image to find one). 1 for a TIFF that Pillow orients itself."""
+    if img.format == "TIFF" and _pillow_orients_tiff():
+        return 1
     try:
         value = Image.Image.getexif(img).get(_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - broken EXIF is ignored, the pixels still decode

@@ -381,6 +381,19 @@ def test_an_unlisted_folder_fails_as_a_row_without_being_opened(tmp_path, monkey
     assert data.paths == ["a.png"] and data.failed_paths == ["locked"]
 
 
+@pytest.mark.parametrize("orientation", [2, 6])
+def test_tiff_orientation_is_applied_once(tmp_path, orientation):
+    # Pillow 13 orients TIFFs itself (size at open, pixels at load): no second transpose.
+    pixels = photo(30, 50, 2)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "o.tif"
+    Image.fromarray(pixels).save(path, exif=exif)
+    want = np.rot90(pixels, k=-1) if orientation == 6 else pixels[:, ::-1]
+    assert read_size(str(path)) == want.shape[:2]
+    assert np.array_equal(_decode(path).pixels.permute(1, 2, 0).numpy(), want)
+
+
 def test_names_of_dots_and_an_extension_are_images(tmp_path):
     for name in [".png", "..png", "png", "x.png.", "...JPG"]:
         (tmp_path / name).write_bytes(b"x")
