@@ -66,19 +66,53 @@ class Extractor:
         return vectors
 
     def __call__(self, pixels: Tensor, metas: list[RowMeta]) -> list[Tensor | ImageError]:
-        """One result per image: its vector, or an out-of-memory failure. A batch that does not
-        fit is split in halves and retried; only a single image that still fails is recorded."""
+        """One result per image, in order: its vector, or an out-of-memory failure.
+
+        Without masking, padding is not exact, so a batch whose images differ in size (a file
+        that changed since its header was read, a header that disagrees with its pixels) runs
+        as one sub-batch per size, each cropped to its own size."""
+        if self.masked is not None:
+            return self._fitting(pixels, metas)
+        by_size: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+        for row, meta in enumerate(metas):
+            by_size[tuple(meta.input_size)].append(row)  # type: ignore[arg-type]
+        if len(by_size) == 1:
+            (h, w), _ = by_size.popitem()
+            return self._fitting(pixels[:, :, :h, :w], metas)
+        results: list[Tensor | ImageError | None] = [None] * len(metas)
+        for (h, w), rows in by_size.items():
+            part = pixels[torch.tensor(rows)][:, :, :h, :w]  # (n, 3, h, w)
+            for row, result in zip(rows, self._fitting(part, [metas[r] for r in rows]), strict=True):
+                results[row] = result
+        return results  # type: ignore[return-value]
+
+    def _fitting(self, pixels: Tensor, metas: list[RowMeta]) -> list[Tensor | ImageError]:
+        """A batch that does not fit is split in halves and retried; only a single image that
+        still fails is recorded."""
         try:
             with torch.inference_mode():
                 vectors = self._run(pixels, metas)
             return list(vectors.to("cpu", non_blocking=False).unbind(0))
-        except torch.OutOfMemoryError:
+        except (RuntimeError, MemoryError) as exc:
+            if not _out_of_memory(exc):
+                raise
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(metas) == 1:
                 return [ImageError("out_of_memory", "this image does not fit in device memory")]
             half = len(metas) // 2
-            return self(pixels[:half], metas[:half]) + self(pixels[half:], metas[half:])
+            return self._fitting(pixels[:half], metas[:half]) + self._fitting(pixels[half:], metas[half:])
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA, MPS), MemoryError, or the plain RuntimeError that torch's
+    CPU allocator raises ("DefaultCPUAllocator: can't allocate memory", "not enough memory")."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(exc)
+    return "DefaultCPUAllocator" in message or any(
+        phrase in message.lower() for phrase in ("can't allocate memory", "not enough memory", "out of memory")
+    )
 
 
 def resolve_maskable(trunk: Trunk) -> bool:

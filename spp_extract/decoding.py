@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import images
 from .config import Config
-from .errors import ImageError
+from .errors import ImageError, printable
 from .writer import RowMeta
 
 
@@ -27,6 +27,8 @@ class Item:
 
 
 def decode_item(ref: images.ImageRef, index: int, min_side: int, config: Config) -> Item:
+    if ref.problem is not None:  # a folder that could not be listed: nothing to open
+        return failure(ref, index, *ref.problem)
     try:
         decoded = images.decode(ref.path, max_pixels=config.max_pixels,
                                 allow_truncated=config.allow_truncated)  # fmt: skip
@@ -113,17 +115,23 @@ def isolated_decode(ref: images.ImageRef, index: int, min_side: int, config: Con
 
     def target() -> None:
         item = decode_item(ref, index, min_side, config)
-        child.send(item)
+        # Plain data only: a tensor would go through torch's fd-passing pickler, which makes the
+        # parent connect back to this process after it has exited.
+        child.send((None if item.pixels is None else item.pixels.numpy(), item.meta))
 
     process = ctx.Process(target=target, daemon=True)
     process.start()
     child.close()
+    problem = "the decoder process died"
     try:
         if parent.poll(config.decode_timeout):
             try:
-                return parent.recv()
+                pixels, meta = parent.recv()
+                return Item(index, None if pixels is None else torch.from_numpy(pixels), meta)
             except EOFError:
                 pass
+            except Exception as exc:  # noqa: BLE001 - whatever came back is unusable
+                problem = f"the decoder's result could not be received ({type(exc).__name__}: {exc})"
         else:
             process.kill()
             return failure(ref, index, "decode_timeout",
@@ -131,13 +139,14 @@ def isolated_decode(ref: images.ImageRef, index: int, min_side: int, config: Con
     finally:
         process.join(5)
         parent.close()
-    return failure(ref, index, "decoder_crashed", f"the decoder process died (exit {process.exitcode})")
+    return failure(ref, index, "decoder_crashed", f"{problem} (exit {process.exitcode})")
 
 
 def failure(ref: images.ImageRef, index: int, kind: str, message: str) -> Item:
     """A failure record, with the file's stat so that a resume knows if it changed since."""
     size, mtime = file_stat(ref)
-    return Item(index, None, RowMeta(error_class=kind, error=message, file_size=size, mtime_ns=mtime))
+    meta = RowMeta(error_class=kind, error=printable(message), file_size=size, mtime_ns=mtime)
+    return Item(index, None, meta)
 
 
 def file_stat(ref: images.ImageRef) -> tuple[int, int]:
@@ -156,11 +165,16 @@ class _Headers(Dataset):
         return len(self.refs)
 
     def __getitem__(self, index: int) -> tuple[int, int] | None:
-        return images.read_size(self.refs[index].path)
+        return header_size(self.refs[index])
+
+
+def header_size(ref: images.ImageRef) -> tuple[int, int] | None:
+    """The displayed size from the header; None for a folder that could not be listed."""
+    return None if ref.problem is not None else images.read_size(ref.path)
 
 
 def read_sizes(refs: Sequence[images.ImageRef], workers: int) -> list[tuple[int, int] | None]:
     if workers == 0 or len(refs) < 64:
-        return [images.read_size(r.path) for r in refs]
+        return [header_size(r) for r in refs]
     loader = DataLoader(_Headers(refs), batch_size=64, num_workers=workers, collate_fn=list)
     return [size for chunk in loader for size in chunk]

@@ -3,6 +3,22 @@
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """``text`` as one line of valid UTF-8: bytes that were not UTF-8 (kept by Python's
+    surrogateescape, as in ``os.fsdecode``) become ``\\xe9``, control and other unprintable
+    characters their escape (``\\n``, ``\\x1b``, ``\\u200b``). Idempotent."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # surrogateescape of one undecodable byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif char.isprintable():
+            out.append(char)
+        else:
+            out.append(repr(char)[1:-1])
+    return "".join(out)
+
+
 class SppError(Exception):
     """Base class: the CLI turns these into a one-line message instead of a traceback."""
 
@@ -25,10 +41,11 @@ class ImageError(Exception):
     """One image could not be used; becomes a failure record, never stops the run.
 
     ``kind`` is a stable, machine-readable class (``truncated``, ``not_an_image``, ...);
-    the message is for people.
+    the message is for people, kept :func:`printable` (it may quote file names or OS text).
     """
 
     def __init__(self, kind: str, message: str) -> None:
+        message = printable(message)
         super().__init__(message)
         self.kind = kind
         self.message = message

@@ -1,12 +1,15 @@
 """Finding image files and decoding one at its native size to RGB.
 
 Decoding rules (documented in the README):
-- EXIF orientation is applied, so the stored size is the displayed size.
+- EXIF orientation is applied, so the stored size is the displayed size. It is decided once,
+  from the header (:func:`orientation`), for the size read before decoding and for decoding.
+- Files are opened by content as one of :data:`FORMATS` only, whatever their name; anything
+  but a regular file (FIFO, socket, device) is refused without being opened for reading.
 - Multi-frame files (GIF, TIFF): the first frame.
 - Transparency (RGBA, LA, PA, P or L/RGB with a transparent colour) is composited onto white.
 - 16-bit integer modes (I;16*, I) are scaled by 255/65535; float (F) images are taken as [0, 1]
   when their maximum is <= 1, else as [0, 255]; both clipped. ``convert("RGB")`` would clip them
-  to near-white or black.
+  to near-white or black. A transparent grey level then becomes white.
 - CMYK is converted through its embedded ICC profile to sRGB when it has one.
 - A file that cannot be used raises :class:`ImageError` with a stable ``kind``.
 """
@@ -14,25 +17,32 @@ Decoding rules (documented in the README):
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import io
 import logging
 import os
+import stat
 import struct
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .errors import ConfigError, ImageError
+from .errors import ConfigError, ImageError, printable
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+# The Pillow formats a file may be opened as, whatever its name says: never EPS (Ghostscript)
+# or any other plugin reached by content. Pillow's JPEG opener also returns MPO files.
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 _ORIENTATION = 0x0112
 
@@ -41,27 +51,54 @@ _ORIENTATION = 0x0112
 class ImageRef:
     """One input file. ``key`` is the stored path: relative to the input directory it was found
     under, or as given for files named directly. Non-UTF-8 names keep their bytes via
-    ``os.fsencode(key)`` (Python's surrogateescape)."""
+    ``os.fsencode(key)`` (Python's surrogateescape). ``problem`` (error class, message) marks a
+    folder that could not be listed: it becomes a failure row without being opened."""
 
     key: str
     path: str
+    problem: tuple[str, str] | None = None
 
     @property
     def key_bytes(self) -> bytes:
         return os.fsencode(self.key)
 
 
+@dataclass(frozen=True)
+class Found:
+    """What :func:`find_images` found: ``refs`` sorted by stored path (bytewise), and how many
+    files were left out because an earlier input already named them (``overlaps``)."""
+
+    refs: list[ImageRef]
+    overlaps: int
+
+
 def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    # The last suffix, as `find -iname '*.png'` sees it: os.path.splitext would give ".png"
+    # and "..png" no extension at all and leave them out silently.
+    stem, dot, suffix = name.rpartition(".")
+    return bool(dot) and "." + suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _walk(root: str, follow_symlinks: bool) -> Iterable[str]:
-    """Image files under ``root`` (relative paths). Directory symlinks are followed only on
-    request, and then each real directory is entered once, so symlink loops end."""
+def _folder_problem(exc: OSError) -> tuple[str, str]:
+    kind = "permission_denied" if exc.errno in (errno.EACCES, errno.EPERM) else "unreadable"
+    return kind, f"cannot list this folder: {exc.strerror or exc}"
+
+
+def _walk(root: str, follow_symlinks: bool) -> list[tuple[str, tuple[str, str] | None]]:
+    """Image files under ``root`` (relative paths, problem None), and folders that could not be
+    listed (relative paths, ``"."`` for root itself, with their problem). Directory symlinks are
+    followed only on request, and then each real directory is entered once, so loops end."""
+    found: list[tuple[str, tuple[str, str] | None]] = []
+    unlisted: list[OSError] = []  # os.walk skips a folder it cannot list; we record it
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=follow_symlinks):
         if follow_symlinks:
-            st = os.stat(dirpath)
+            try:
+                st = os.stat(dirpath)
+            except OSError as exc:
+                found.append((os.path.relpath(dirpath, root), _folder_problem(exc)))
+                dirnames[:] = []
+                continue
             if (st.st_dev, st.st_ino) in seen:
                 dirnames[:] = []
                 continue
@@ -70,7 +107,55 @@ def _walk(root: str, follow_symlinks: bool) -> Iterable[str]:
         rel = os.path.relpath(dirpath, root)
         for name in filenames:
             if _is_image_name(name):
-                yield name if rel == "." else os.path.join(rel, name)
+                found.append((name if rel == "." else os.path.join(rel, name), None))
+    for exc in unlisted:
+        where = exc.filename if isinstance(exc.filename, str) else root
+        found.append((os.path.relpath(where, root), _folder_problem(exc)))
+    return found
+
+
+class _Collector:
+    """Stored paths -> refs, each real file once: the first input that names it wins."""
+
+    def __init__(self) -> None:
+        self.refs: dict[str, ImageRef] = {}
+        self.keys: dict[str, str] = {}  # real location -> stored path
+        self.overlaps = 0
+        self._real_dirs: dict[str, str] = {}
+
+    def location(self, path: str, *, folder: bool) -> str:
+        """Where ``path`` really is: its folder resolved, its own name kept (two symlinks in a
+        folder are two files), or for an unlisted folder, the folder resolved."""
+        head, name = (path, "") if folder else os.path.split(path)
+        if head not in self._real_dirs:
+            self._real_dirs[head] = os.path.realpath(head)
+        return os.path.join(self._real_dirs[head], name)
+
+    def add(self, key: str, path: str, problem: tuple[str, str] | None = None) -> None:
+        key = os.path.normpath(key)
+        location = self.location(path, folder=problem is not None)
+        if location in self.keys:
+            self.overlaps += self.keys[location] != key
+            return
+        previous = self.refs.get(key)
+        if previous is not None:
+            raise ConfigError(
+                f"two inputs would be stored as the same path {key!r} ({previous.path} and "
+                f"{path}); pass their common parent directory instead"
+            )
+        self.keys[location] = key
+        self.refs[key] = ImageRef(key, path, problem)
+
+
+def _list_entries(files_from: str | Path) -> list[tuple[str, str]]:
+    """(path, where it came from) for each non-blank line of a --files-from list."""
+    try:
+        raw = Path(files_from).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --files-from {str(files_from)!r}: {exc.strerror}") from None
+    name = printable(str(files_from))
+    return [(os.fsdecode(line.rstrip(b"\r")), f" on line {number} of {name}")
+            for number, line in enumerate(raw.split(b"\n"), 1) if line.strip()]  # fmt: skip
 
 
 def find_images(
@@ -78,63 +163,119 @@ def find_images(
     *,
     files_from: str | Path | None = None,
     follow_symlinks: bool = False,
-) -> list[ImageRef]:
+) -> Found:
     """All images named by ``inputs`` (directories walked recursively, files as given) and by
-    ``files_from`` (one path per line), sorted by stored path (bytewise), duplicates removed.
+    ``files_from`` (one path per line, relative to the current folder), sorted by stored path
+    (bytewise). A file reached through several inputs (a folder and its subfolder, the same
+    folder through a symlink) is kept once, under the first input's stored path. Folders that
+    cannot be listed are refs with a ``problem``.
 
     Raises ConfigError for inputs that do not exist and for two different files that would be
     stored under the same path.
     """
-    found: dict[str, ImageRef] = {}
-
-    def add(key: str, path: str) -> None:
-        key = os.path.normpath(key)
-        previous = found.get(key)
-        if previous is not None and os.path.normpath(previous.path) != os.path.normpath(path):
-            raise ConfigError(
-                f"two inputs would be stored as the same path {key!r} ({previous.path} and "
-                f"{path}); pass their common parent directory instead"
-            )
-        found.setdefault(key, ImageRef(key, path))
-
-    entries = [str(p) for p in inputs]
+    entries = [(str(p), "") for p in inputs]
     if files_from is not None:
-        try:
-            raw = Path(files_from).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --files-from {str(files_from)!r}: {exc.strerror}") from None
-        entries += [os.fsdecode(line.rstrip(b"\r")) for line in raw.split(b"\n") if line.strip()]
-    for entry in entries:
+        entries += _list_entries(files_from)
+    collector = _Collector()
+    for entry, where in entries:
         if os.path.isdir(entry):
-            for rel in _walk(entry, follow_symlinks):
-                add(rel, os.path.join(entry, rel))
+            for rel, problem in _walk(entry, follow_symlinks):
+                path = entry if rel == "." else os.path.join(entry, rel)
+                collector.add(entry if rel == "." else rel, path, problem)
         elif os.path.lexists(entry):
-            add(entry, entry)
+            collector.add(entry, entry)
+        elif where:
+            raise ConfigError(f"input '{printable(entry)}'{where} does not exist "
+                              "(paths in the list are relative to the current folder)")  # fmt: skip
         else:
-            raise ConfigError(f"input {entry!r} does not exist; check the path")
-    return sorted(found.values(), key=lambda ref: ref.key_bytes)
+            raise ConfigError(f"input '{printable(entry)}' does not exist; check the path")
+    refs = sorted(collector.refs.values(), key=lambda ref: ref.key_bytes)
+    return Found(refs, collector.overlaps)
+
+
+_NOT_REGULAR = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+                stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+
+
+def _check_regular(st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        what = _NOT_REGULAR.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise ImageError("not_a_file", f"not a regular file ({what})")
+
+
+@functools.cache
+def _formats() -> list[str]:
+    """FORMATS this Pillow can open (a build without libwebp has no WEBP opener)."""
+    Image.init()
+    return [name for name in FORMATS if name in Image.OPEN]
+
+
+def _open_file(path: str) -> BinaryIO:
+    """Open a regular file for reading. Anything else (FIFO, socket, device, directory) raises
+    ImageError("not_a_file") without being opened for reading: a FIFO would block forever."""
+    _check_regular(os.stat(path))
+    fd = os.open(path, _OPEN_FLAGS)  # non-blocking: it may have been replaced by a FIFO since
+    try:
+        _check_regular(os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+@functools.cache
+def _pillow_orients_tiff() -> bool:
+    """Whether this Pillow applies a TIFF's orientation itself (newer versions report the
+    displayed size at open and transpose while loading): then there is nothing left to do."""
+    exif = Image.Exif()
+    exif[_ORIENTATION] = 6
+    buf = io.BytesIO()
+    Image.new("L", (2, 1)).save(buf, "TIFF", exif=exif)
+    with Image.open(buf) as img:
+        return img.size == (1, 2)
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) still to apply to a just-opened image, from its header: the
+    one decision that both :func:`read_size` and :func:`decode` use. A tag that is not a single
+    number 1-8 (ASCII ``"6"``, 9, broken EXIF) counts as 1. Pixel data is never loaded: a PNG
+    ``eXIf`` chunk after the image data is not looked for (``PngImageFile.getexif`` would
+    decode the whole image to find one). 1 for a TIFF that Pillow orients itself."""
+    if img.format == "TIFF" and _pillow_orients_tiff():
+        return 1
+    try:
+        value = Image.Image.getexif(img).get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - broken EXIF is ignored, the pixels still decode
+        return 1
+    return value if type(value) is int and 1 <= value <= 8 else 1
 
 
 def read_size(path: str) -> tuple[int, int] | None:
     """(height, width) as displayed (EXIF orientation applied), from the header only.
-    None when the header cannot be read; decoding will then record why."""
+    None when the header cannot be read (or ``path`` is not a regular file); decoding will then
+    record why."""
     try:
-        with warnings.catch_warnings():
+        with _open_file(path) as fh, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
+            with Image.open(fh, formats=_formats()) as img:
                 width, height = img.size
-                if _orientation(img) in (5, 6, 7, 8):
+                if orientation(img) in (5, 6, 7, 8):
                     width, height = height, width
                 return height, width
     except Exception:  # noqa: BLE001 - any header problem is reported by decode()
         return None
-
-
-def _orientation(img: Image.Image) -> int:
-    try:
-        return int(img.getexif().get(_ORIENTATION, 1))
-    except Exception:  # noqa: BLE001 - broken EXIF is ignored, the pixels still decode
-        return 1
 
 
 def _composite(img: Image.Image) -> Image.Image:
@@ -144,14 +285,18 @@ def _composite(img: Image.Image) -> Image.Image:
 
 
 def _scaled_to_uint8(img: Image.Image) -> Image.Image:
+    raw = np.asarray(img)
     if img.mode == "F":
-        values = np.asarray(img, dtype=np.float32)
+        values = raw.astype(np.float32)
         finite = values[np.isfinite(values)]
         scale = 255.0 if finite.size and finite.max() <= 1.0 else 1.0
         values = np.nan_to_num(values * scale, nan=0.0, posinf=255.0, neginf=0.0)
     else:  # I;16, I;16B, I;16L, I;16N, I
-        values = np.asarray(img).astype(np.float32) * (255.0 / 65535.0)
+        values = raw.astype(np.float32) * (255.0 / 65535.0)
     gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    transparent = img.info.get("transparency")
+    if type(transparent) is int:  # a transparent grey level (PNG tRNS), after scaling
+        gray[raw == transparent] = BACKGROUND[0]
     return Image.fromarray(gray).convert("RGB")
 
 
@@ -174,10 +319,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return img
+    if mode.startswith("I") or mode == "F":  # before transparency: compositing would clip first
+        return _scaled_to_uint8(img)
     if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
         return _composite(img)
-    if mode.startswith("I") or mode == "F":
-        return _scaled_to_uint8(img)
     if mode == "CMYK":
         return _cmyk_to_rgb(img)
     try:
@@ -197,8 +342,10 @@ class Decoded:
     mtime_ns: int
 
 
-def _load(fh: io.BufferedReader, max_pixels: int) -> tuple[Image.Image, str]:
-    img = Image.open(fh)
+def _load(fh: BinaryIO, max_pixels: int) -> tuple[Image.Image, str, int]:
+    """Open, check the size, decide the orientation from the header (as read_size does), then
+    load the pixels. Returns the image, its mode and its orientation."""
+    img = Image.open(fh, formats=_formats())
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError(
@@ -206,8 +353,9 @@ def _load(fh: io.BufferedReader, max_pixels: int) -> tuple[Image.Image, str]:
             f"{width}x{height} = {width * height} pixels exceeds max_pixels = {max_pixels}",
         )
     mode = img.mode
+    turn = orientation(img)
     img.load()
-    return img, mode
+    return img, mode, turn
 
 
 @contextlib.contextmanager
@@ -224,7 +372,7 @@ def _no_pillow_bomb_check() -> Iterator[None]:
 def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Decoded:
     """Decode ``path`` at native size. Raises ImageError; never returns a substitute."""
     try:
-        with open(path, "rb") as fh:
+        with _open_file(path) as fh:
             st = os.fstat(fh.fileno())
             if st.st_size == 0:
                 raise ImageError("empty_file", "file is empty (0 bytes)")
@@ -232,7 +380,7 @@ def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Deco
             try:
                 with warnings.catch_warnings(), _no_pillow_bomb_check():
                     warnings.simplefilter("ignore")
-                    img, mode = _load(fh, max_pixels)
+                    img, mode, turn = _load(fh, max_pixels)
             except OSError as exc:
                 message = str(exc)
                 if "truncated" not in message.lower() and "broken data stream" not in message:
@@ -243,14 +391,14 @@ def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Deco
                 ImageFile.LOAD_TRUNCATED_IMAGES = True
                 try:
                     with _no_pillow_bomb_check():
-                        img, mode = _load(fh, max_pixels)
+                        img, mode, turn = _load(fh, max_pixels)
                 finally:
                     ImageFile.LOAD_TRUNCATED_IMAGES = False
                 truncated = True
             with img:
-                if _orientation(img) != 1:
-                    img = ImageOps.exif_transpose(img)
                 rgb = to_rgb(img)
+                if turn in _TRANSPOSE:
+                    rgb = rgb.transpose(_TRANSPOSE[turn])
                 array = np.asarray(rgb, dtype=np.uint8)  # (H, W, 3), one copy, read-only
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # read-only is fine: the pixels are only read
@@ -264,10 +412,8 @@ def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Deco
         raise ImageError("missing", "file not found (removed after the scan?)") from None
     except PermissionError as exc:
         raise ImageError("permission_denied", str(exc)) from None
-    except IsADirectoryError:
-        raise ImageError("not_an_image", "is a directory") from None
     except UnidentifiedImageError:
-        raise ImageError("not_an_image", "not an image file Pillow can identify") from None
+        raise ImageError("not_an_image", "not a JPEG, PNG, BMP, GIF, TIFF or WebP file") from None
     except Image.DecompressionBombError as exc:
         raise ImageError("too_large", str(exc)) from None
     except MemoryError:

@@ -408,7 +408,7 @@ def extract(
                 lock.acquire()
                 existed = _check_existing(output, resume, overwrite)
                 refs = images.find_images(inputs, files_from=files_from,
-                                          follow_symlinks=config.follow_symlinks)  # fmt: skip
+                                          follow_symlinks=config.follow_symlinks).refs  # fmt: skip
                 if not refs:
                     raise ConfigError("no images found in the inputs (looked for "
                                       + ", ".join(sorted(images.IMAGE_EXTENSIONS)) + ")")

@@ -5,12 +5,15 @@ import shutil
 import time
 
 import h5py
+import numpy as np
 import pytest
+import torch
 from conftest import photo, reference_vector, rel_err
 from PIL import Image
 
-from spp_extract import Config, extract, images, read_features
+from spp_extract import Config, ImageError, decoding, extract, images, read_features
 from spp_extract.backbones import build_trunk
+from spp_extract.compute import Extractor
 
 CONFIG = Config(backbone="resnet18", weights="none", batch_size=2, decode_timeout=3)
 
@@ -92,3 +95,116 @@ def test_an_unexpected_decoder_exception_is_a_record(tmp_path, folder, monkeypat
     result = extract([folder], out, config=CONFIG.replace(workers=0))
     assert _failed(out) == {"gray.png": "decoder_error"}
     assert (result.images, result.failed) == (11, 1)
+
+
+def _items(paths, min_side):
+    return [decoding.decode_item(images.ImageRef(p.name, str(p)), i, min_side, CONFIG)
+            for i, p in enumerate(paths)]  # fmt: skip
+
+
+def _solo(trunk, path):
+    """Reference vector and feature-map size of one image run alone."""
+    decoded = images.decode(str(path), max_pixels=10**9)
+    with torch.inference_mode():
+        x = decoded.pixels.float().div(255)[None]
+        fmap = trunk.module((x - torch.tensor(trunk.resolved.mean).view(3, 1, 1))
+                            / torch.tensor(trunk.resolved.std).view(3, 1, 1))  # fmt: skip
+    return reference_vector(trunk, path, CONFIG.levels), tuple(fmap.shape[-2:])
+
+
+def test_an_image_whose_decoded_size_differs_from_its_batch_gets_its_own_vector(tmp_path):
+    # Planned as three 64x64 images (header scan); one decodes to 48x80 (replaced since, or an
+    # orientation the header reader saw differently). Unmasked trunk: no padding may reach it.
+    paths = []
+    for name, (h, w) in [("a.png", (64, 64)), ("b.png", (48, 80)), ("c.png", (64, 64))]:
+        Image.fromarray(photo(h, w, len(paths))).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    trunk = build_trunk(CONFIG)
+    extractor = Extractor(trunk, CONFIG, torch.device("cpu"), padded=False)
+    batch = decoding.collate(_items(paths, trunk.min_side))
+    results = extractor(batch.pixels, batch.metas)
+    for path, meta, vector in zip(paths, batch.metas, results, strict=True):
+        want, fmap_size = _solo(trunk, path)
+        np.testing.assert_allclose(vector.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        assert meta.feature_map_size == fmap_size, path.name
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 123456789 bytes. Error code 12 (Cannot allocate memory)"),
+    RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9999 bytes."),
+    MemoryError(),
+])  # fmt: skip
+def test_cpu_out_of_memory_splits_the_batch_and_records_the_image(tmp_path, error):
+    paths = []
+    for name in ["a.png", "big.png", "c.png", "d.png"]:
+        Image.fromarray(photo(40, 40, len(paths))).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    trunk = build_trunk(CONFIG)
+    extractor = Extractor(trunk, CONFIG, torch.device("cpu"), padded=False)
+    batch = decoding.collate(_items(paths, trunk.min_side))
+    real_run = extractor._run
+    big = batch.metas[1]
+
+    def run(pixels, metas):
+        if len(metas) > 1 or metas[0] is big:
+            raise error
+        return real_run(pixels, metas)
+
+    extractor._run = run
+    results = extractor(batch.pixels, batch.metas)
+    assert isinstance(results[1], ImageError) and results[1].kind == "out_of_memory"
+    for i in (0, 2, 3):
+        want = reference_vector(trunk, paths[i], CONFIG.levels)
+        np.testing.assert_allclose(results[i].numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(tmp_path):
+    Image.fromarray(photo(40, 40)).save(tmp_path / "a.png")
+    trunk = build_trunk(CONFIG)
+    extractor = Extractor(trunk, CONFIG, torch.device("cpu"), padded=False)
+    batch = decoding.collate(_items([tmp_path / "a.png"], trunk.min_side))
+
+    def run(pixels, metas):
+        raise RuntimeError("Given groups=1, weight of size [64, 3, 7, 7], expected input ...")
+
+    extractor._run = run
+    with pytest.raises(RuntimeError, match="groups=1"):
+        extractor(batch.pixels, batch.metas)
+
+
+def test_isolated_decode_returns_the_pixels_with_the_dataloader_imported(tmp_path):
+    import torch.utils.data  # noqa: F401 - as in a run: torch's fd-passing pickler is registered
+
+    path = tmp_path / "good.png"
+    Image.fromarray(photo(300, 400)).save(path)
+    want = images.decode(str(path), max_pixels=10**9).pixels
+    ref = images.ImageRef("good.png", str(path))
+    for _ in range(10):
+        item = decoding.isolated_decode(ref, 7, 1, CONFIG)
+        assert item.meta.error_class == "" and item.index == 7
+        assert torch.equal(item.pixels, want)
+
+
+def test_a_crashing_decoder_sharing_its_batch_with_same_size_images(tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, name in enumerate(["a.png", "b.png", "crash.png", "d.png", "e.png"]):
+        Image.fromarray(photo(40, 40, i)).save(folder / name)
+    real_decode = images.decode
+
+    def hostile(path, **kwargs):
+        if path.endswith("crash.png"):
+            os.kill(os.getpid(), 9)
+        return real_decode(path, **kwargs)
+
+    monkeypatch.setattr(images, "decode", hostile)
+    out = tmp_path / "out.h5"
+    result = extract([folder], out, config=CONFIG.replace(workers=2, batch_size=8))
+    assert _failed(out) == {"crash.png": "decoder_crashed"}
+    assert (result.images, result.failed) == (4, 1)
+    trunk = build_trunk(CONFIG)
+    data = read_features(out)
+    assert data.paths == ["a.png", "b.png", "d.png", "e.png"]
+    for row, path in enumerate(data.paths):
+        assert rel_err(data.features[row], reference_vector(trunk, folder / path, (4, 2, 1))) < 1e-4
