@@ -126,6 +126,9 @@ def extract(
             f"{result.images} images, {result.failed} failed, {result.feature_dim}-dim vectors, "
             f"{result.seconds:.1f} s -> {result.output}", err=True,
         )  # fmt: skip
+        if result.overlaps:
+            typer.echo(f"  note: {result.overlaps} files named by more than one input were "
+                       "used once (under the first input's path)", err=True)  # fmt: skip
         for path, kind, message in result.failures[:10]:
             typer.echo(f"  failed: {path}: {kind}: {message}", err=True)
         if len(result.failures) > 10:

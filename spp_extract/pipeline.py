@@ -82,6 +82,7 @@ class Result:
     seconds: float
     processed: int  # images computed by this run (fewer than `images` when resuming)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (path, class, message)
+    overlaps: int = 0  # files left out because an earlier input already named them
 
 
 # ----------------------------------------------------------------------------- environment
@@ -397,29 +398,31 @@ def extract(
     run_dir: Path | None = None
     keep_old_output = False
     refs: list[images.ImageRef] = []
+    overlaps = 0
     try:
         # Rank 0 takes the lock first, then checks what is there, and holds it to the end:
         # nothing can change the output between the check and the writing.
-        setup: tuple[str, bool, str | None] = ("", False, None)
+        setup: tuple[str, bool, int, str | None] = ("", False, 0, None)
         if ctx.rank == 0:
             assert lock is not None
             try:
                 _check_output_name(output, resume, overwrite)
                 lock.acquire()
                 existed = _check_existing(output, resume, overwrite)
-                refs = images.find_images(inputs, files_from=files_from,
-                                          follow_symlinks=config.follow_symlinks).refs  # fmt: skip
+                found = images.find_images(inputs, files_from=files_from,
+                                           follow_symlinks=config.follow_symlinks)  # fmt: skip
+                refs, overlaps = found.refs, found.overlaps
                 if not refs:
                     raise ConfigError("no images found in the inputs (looked for "
                                       + ", ".join(sorted(images.IMAGE_EXTENSIONS)) + ")")
-                setup = (str(_run_dir(output, fp, resume)), overwrite and existed, None)
+                setup = (str(_run_dir(output, fp, resume)), overwrite and existed, overlaps, None)
             except SppError as exc:
-                setup = ("", False, f"{type(exc).__name__}:{exc}")
+                setup = ("", False, 0, f"{type(exc).__name__}:{exc}")
         setup = _broadcast(ctx, setup)
-        if setup[2] is not None:
-            kind, _, message = setup[2].partition(":")
+        if setup[3] is not None:
+            kind, _, message = setup[3].partition(":")
             raise (ConfigError if kind == "ConfigError" else OutputError)(message)
-        run_dir, keep_old_output = Path(setup[0]), setup[1]
+        run_dir, keep_old_output, overlaps = Path(setup[0]), setup[1], setup[2]
         refs = _broadcast(ctx, refs if ctx.rank == 0 else None)  # one list, the same everywhere
         trunk = build_trunk(config, resolved)  # loads weights: may still raise ConfigError
         # From here on, things are written; a signal is noted, and acted on between batches.
@@ -465,12 +468,13 @@ def extract(
         rows = failed = 0
         if ctx.rank == 0:
             rows, failed = assemble(output, run_dir, [r.key_bytes for r in refs], dim,
-                                    config.dtype, attrs)  # fmt: skip
+                                    config.dtype, attrs, keep_prefixes=_unlisted(refs))  # fmt: skip
             for other in shards_root(output).glob("run-*"):
                 if other != run_dir:  # an --overwrite'n run: the new file is in place now
                     remove_tree(other)
         rows, failed = _broadcast(ctx, (rows, failed))
-        return Result(output, rows, failed, dim, time.monotonic() - started, processed, failures)
+        return Result(output, rows, failed, dim, time.monotonic() - started, processed, failures,
+                      overlaps)  # fmt: skip
     finally:
         stack.close()
         if lock is not None:
@@ -483,9 +487,16 @@ def _partial_view(output: Path, run_dir: Path, refs: Sequence[images.ImageRef], 
                   dtype: str, attrs: dict[str, Any]) -> None:  # fmt: skip
     """After an interruption: the output shows what is committed (``complete = false``)."""
     try:
-        assemble(output, run_dir, [r.key_bytes for r in refs], dim, dtype, attrs, complete=False)
+        assemble(output, run_dir, [r.key_bytes for r in refs], dim, dtype, attrs, complete=False,
+                 keep_prefixes=_unlisted(refs))  # fmt: skip
     except SppError as exc:
         log.warning("could not write the partial output (%s)", exc)
+
+
+def _unlisted(refs: Sequence[images.ImageRef]) -> list[bytes]:
+    """Path prefixes of folders that could not be listed: their earlier rows are kept. An
+    input folder that cannot be listed at all keeps every earlier row."""
+    return [b"" if r.key == r.path else r.key_bytes + b"/" for r in refs if r.problem]
 
 
 def _source(ref: images.ImageRef) -> bytes:

@@ -370,14 +370,19 @@ def _finish_atomic(tmp: Path, path: Path) -> None:
 
 def assemble(
     output: Path, run_dir: Path, keys: Sequence[bytes] | None, dim: int, dtype: str,
-    attrs: dict[str, Any], *, complete: bool = True,
+    attrs: dict[str, Any], *, complete: bool = True, keep_prefixes: Sequence[bytes] = (),
 ) -> tuple[int, int]:  # fmt: skip
     """Write ``output`` as a view over the run's shards, rows in ``keys`` order (sorted paths);
     ``keys=None`` takes every image with a result. ``complete=False`` (an interrupted run):
     the images of ``keys`` that have a result so far, and root attribute ``complete = false``.
-    Returns (rows, failures)."""
+    ``keep_prefixes``: earlier results whose path starts with one of these stay although
+    ``keys`` lacks them (a folder that could not be listed this time). Returns (rows, failures)."""
     state = read_state(run_dir)
-    wanted = keys if keys is not None else sorted(state.records)
+    wanted = list(keys) if keys is not None else sorted(state.records)
+    if keep_prefixes:
+        listed = set(wanted)
+        kept = [k for k in state.records if k not in listed and k.startswith(tuple(keep_prefixes))]
+        wanted = sorted(wanted + kept)
     missing = [k for k in wanted if k not in state.records]
     if missing and complete:
         raise OutputError(
