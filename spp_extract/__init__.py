@@ -1,12 +1,41 @@
 """spp-extract: fixed-length CNN features for images at their native size (SPP-net)."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from .config import Config, load_config  # noqa: E402
 from .errors import ConfigError, ImageError, OutputError, SppError  # noqa: E402
-from .pipeline import Result, extract  # noqa: E402
-from .pooling import SpatialPyramidPooling, spatial_pyramid_pool, spp_dim  # noqa: E402
-from .writer import Features, merge, read_features  # noqa: E402
+
+if TYPE_CHECKING:
+    from .pipeline import Result, extract
+    from .pooling import SpatialPyramidPooling, spatial_pyramid_pool, spp_dim
+    from .writer import Features, merge, read_features
+
+# Names from modules that import torch, loaded on first use, so that `spp-extract --help`
+# and `--version` (and `import spp_extract.cli`) do not spend seconds importing torch.
+_LAZY = {
+    "extract": "pipeline", "Result": "pipeline",
+    "SpatialPyramidPooling": "pooling", "spatial_pyramid_pool": "pooling", "spp_dim": "pooling",
+    "Features": "writer", "merge": "writer", "read_features": "writer",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "Config", "ConfigError", "Features", "ImageError", "OutputError", "Result",

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import io
+import logging
 import os
 import urllib.parse
 import warnings
@@ -27,7 +29,9 @@ from torchvision.models import get_model as _tv_get_model
 from torchvision.models import get_model_weights, list_models
 
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, printable
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -129,18 +133,26 @@ def supported_backbones() -> list[str]:
     return [n for n in list_models(module=torchvision.models) if family_of(n) is not None]
 
 
-def _check_backbone(name: str) -> Family:
+def _from_file(config: Config, *keys: str) -> str:
+    """' (layer came from FILE line N; pass --layer or remove it there)' for keys a config file
+    set, so that a conflict with a flag says where the other value came from."""
+    notes = [f"{key} came from {config.origins[key]}; pass --{key} or remove it there"
+             for key in keys if key in config.origins]  # fmt: skip
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _check_backbone(name: str, note: str = "") -> Family:
     family = family_of(name)
     if family is not None and name in list_models(module=torchvision.models):
         return family
     if name.startswith(REFUSED):
         raise ConfigError(
             f"backbone {name!r} is a vision transformer: it needs a fixed input size, so it "
-            "cannot pool native-size images; choose a CNN (spp-extract backbones lists them)"
+            f"cannot pool native-size images; choose a CNN (spp-extract backbones lists them){note}"
         )
     close = difflib.get_close_matches(name, supported_backbones(), n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-    raise ConfigError(f"unknown backbone {name!r}; {hint}(spp-extract backbones lists all)")
+    raise ConfigError(f"unknown backbone {name!r}; {hint}(spp-extract backbones lists all){note}")
 
 
 def _layer_names(chain: Chain) -> list[str]:
@@ -235,7 +247,7 @@ def _sha256(path: Path) -> str:
 
 def resolve(config: Config) -> ResolvedModel:
     """Check backbone, layer and weights; fill in defaults. Raises ConfigError."""
-    family = _check_backbone(config.backbone)
+    family = _check_backbone(config.backbone, _from_file(config, "backbone"))
     with _empty_init():
         chain = family.chain(get_model(config.backbone, weights=None))
     layer = config.layer or family.default_layer
@@ -245,7 +257,8 @@ def resolve(config: Config) -> ResolvedModel:
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         shown = ", ".join(names) if len(names) <= 40 else ", ".join(names[:40]) + ", ..."
         raise ConfigError(
-            f"unknown layer {layer!r} for {config.backbone}; {hint}valid layers: {shown}"
+            f"unknown layer {layer!r} for {config.backbone}"
+            f"{_from_file(config, 'layer', 'backbone')}; {hint}valid layers: {shown}"
         )
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if config.weights == "none":
@@ -260,7 +273,8 @@ def resolve(config: Config) -> ResolvedModel:
             options = ", ".join(["DEFAULT", *(w.name for w in get_model_weights(config.backbone))])
             raise ConfigError(
                 f"weights {config.weights!r} is neither a file nor a weights name for "
-                f"{config.backbone}; expected a state-dict file, 'none', or one of: {options}"
+                f"{config.backbone}{_from_file(config, 'weights', 'backbone')}; expected a "
+                f"state-dict file, 'none', or one of: {options}"
             )
         weights, weights_id = f"file:{path}", f"sha256:{_sha256(path)}"
     if config.mean:
@@ -280,11 +294,11 @@ def expected_cache_file(url: str) -> Path:
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError...
         raise ConfigError(
-            f"weights file '{path}' is not a plain state dict that torch.load(weights_only=True) "
-            f"accepts ({first}); save one with torch.save(model.state_dict(), FILE)"
+            f"weights file '{printable(str(path))}' is not a PyTorch state-dict file "
+            f"(torch.load(weights_only=True) refused it: {_load_error(exc)}); save one with "
+            "torch.save(model.state_dict(), FILE)"
         ) from None
     for key in ("state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict) and len(data) <= 3:
@@ -295,6 +309,19 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             "save one with torch.save(model.state_dict(), FILE)"
         )
     return {k.removeprefix("module."): v for k, v in data.items()}
+
+
+def _load_error(exc: Exception) -> str:
+    """What torch.load said, without its advice to turn weights_only off (which would let the
+    file run code): the unpickler's own reason where it gives one, else the exception type."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    reason = next((line.partition("WeightsUnpickler error:")[2].strip() for line in lines
+                   if "WeightsUnpickler error:" in line), "")  # fmt: skip
+    reason = reason.split(". ")[0]  # "Unsupported global: GLOBAL os.system was not an allowed ..."
+    if not reason and lines and "weights_only" not in lines[0] and "Weights only" not in lines[0]:
+        reason = lines[0]
+    reason = printable(reason)[:200]
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 
 def _summary(keys: list[str]) -> str:
@@ -382,14 +409,19 @@ def build_trunk(config: Config, resolved: ResolvedModel | None = None) -> Trunk:
     family = _check_backbone(config.backbone)
     enum_weights = None if resolved.weights.startswith(("none", "file:")) else _weights_enum(config)
     if enum_weights is not None:
+        cache = expected_cache_file(enum_weights.url)
+        if not cache.is_file():
+            log.info("downloading %s to %s", enum_weights.url, cache)
         try:
-            model = get_model(config.backbone, weights=enum_weights, progress=False)
+            # torch.hub prints "Downloading: ..." on stdout, which may be the user's data.
+            with contextlib.redirect_stdout(io.StringIO()):
+                model = get_model(config.backbone, weights=enum_weights, progress=False)
         except Exception as exc:  # URLError, OSError, hash mismatch, ...
-            cache = expected_cache_file(enum_weights.url)
             raise ConfigError(
-                f"cannot load {resolved.weights} ({type(exc).__name__}: "
-                f"{' '.join(str(exc).split())[:120]}); it is looked up at {cache} — download "
-                f"{enum_weights.url} there, or pass --weights FILE with a state dict"
+                f"cannot load {resolved.weights}{_from_file(config, 'weights')} "
+                f"({type(exc).__name__}: {printable(' '.join(str(exc).split())[:120])}); it is "
+                f"looked up at {cache} — download {enum_weights.url} there, pass --weights FILE "
+                "with a state dict, or --weights none for a seeded random init (trying things out)"
             ) from None
     else:
         torch.manual_seed(config.seed)  # random init is reproducible for weights = "none"

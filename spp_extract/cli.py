@@ -2,138 +2,259 @@
 
 from __future__ import annotations
 
+import functools
+import inspect as pyinspect
 import logging
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 import typer
 
-from .config import int_or_auto, load_config, parse_levels, to_toml
-from .errors import ConfigError, SppError
+from .config import Config, int_or_auto, load_config, parse_levels, to_toml
+from .errors import ConfigError, SppError, printable
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain click help: typer's rich panels print "<bool>" beside every flag (even --help),
+    # and importing rich makes `--help` slower.
+    rich_markup_mode=None,
     help="Fixed-length CNN features for images at their native size (Spatial Pyramid Pooling).",
 )
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (see configs/).")]
-BackboneOpt = Annotated[str | None, typer.Option(help="torchvision model name, e.g. resnet50.")]
-LayerOpt = Annotated[str | None, typer.Option(help="Layer to pool, e.g. layer3 (default: the backbone's last conv stage).")]
-WeightsOpt = Annotated[str | None, typer.Option(help="DEFAULT, a weights name (IMAGENET1K_V2), 'none' (seeded random init) or a state-dict file.")]
-LevelsOpt = Annotated[str | None, typer.Option(help="Pyramid levels, comma-separated, e.g. 6,3,2,1.")]
-PoolingOpt = Annotated[str | None, typer.Option(help="max or avg.")]
+# Every configuration flag, declared once: `extract` and `config` both take all of them (see
+# _config_flags). A flag left out is None, "not given", so a config file's value stands.
+CONFIG_FLAGS: dict[str, Any] = {
+    "config": Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (see configs/).", show_default=False)],
+    "backbone": Annotated[str | None, typer.Option(help="torchvision model name, e.g. resnet50.", show_default=False)],
+    "layer": Annotated[str | None, typer.Option(help="Layer to pool, e.g. layer3 (default: the backbone's last conv stage).", show_default=False)],
+    "weights": Annotated[str | None, typer.Option(help="DEFAULT, a weights name (IMAGENET1K_V2), 'none' (seeded random init) or a state-dict file.", show_default=False)],
+    "levels": Annotated[str | None, typer.Option(metavar="N,N,...", help="Pyramid levels, comma-separated, e.g. 6,3,2,1 (1-8 levels, each 1-16).", show_default=False)],
+    "pooling": Annotated[str | None, typer.Option(help="max or avg.", show_default=False)],
+    "batch_size": Annotated[str | None, typer.Option(metavar="N|auto", help="Most images per batch, or auto.", show_default=False)],
+    "batch_pixels": Annotated[str | None, typer.Option(metavar="N|auto", help="Most padded pixels per batch, or auto.", show_default=False)],
+    "batching": Annotated[str | None, typer.Option(help="auto, same-size or padded (exact masked padding).", show_default=False)],
+    "workers": Annotated[str | None, typer.Option(metavar="N|auto", help="Decode processes, or auto.", show_default=False)],
+    "device": Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", show_default=False)],
+    "dtype": Annotated[str | None, typer.Option(help="Stored precision: float32 or float16.", show_default=False)],
+    "precision": Annotated[str | None, typer.Option(help="Compute precision: fp32 (exact), bf16 or fp16.", show_default=False)],
+    "max_pixels": Annotated[str | None, typer.Option(metavar="N", help="Refuse (per image) images with more pixels.", show_default=False)],
+    "allow_truncated": Annotated[bool | None, typer.Option("--allow-truncated/--no-allow-truncated", help="Decode truncated files and mark their rows.", show_default=False)],
+    "follow_symlinks": Annotated[bool | None, typer.Option("--follow-symlinks/--no-follow-symlinks", help="Follow directory symlinks while walking.", show_default=False)],
+}  # fmt: skip
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "levels": parse_levels,
+    "batch_size": int_or_auto("batch-size"),
+    "batch_pixels": int_or_auto("batch-pixels"),
+    "workers": int_or_auto("workers"),
+    "max_pixels": int_or_auto("max-pixels", allow_auto=False),
+}
+
+
+def config_from_flags(config: Path | None = None, **flags: Any) -> Config:
+    """The configuration from a config file and the flags given (None = not given)."""
+    values = {k: _PARSERS[k](v) if k in _PARSERS and v is not None else v for k, v in flags.items()}
+    return load_config(config, **values)
+
+
+def _config_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` every configuration flag, in place of its ``cfg`` parameter, and call it
+    with the resulting Config as ``cfg`` (a bad value exits 2 before the command runs)."""
+    own = pyinspect.signature(command, eval_str=True)
+    params: list[pyinspect.Parameter] = []
+    for name, param in own.parameters.items():
+        if name != "cfg":
+            params.append(param.replace(kind=pyinspect.Parameter.KEYWORD_ONLY))
+            continue
+        params += [pyinspect.Parameter(flag, pyinspect.Parameter.KEYWORD_ONLY, default=None,
+                                       annotation=annotation)
+                   for flag, annotation in CONFIG_FLAGS.items()]  # fmt: skip
+
+    @functools.wraps(command)
+    def with_config(**kwargs: Any) -> None:
+        flags = {name: kwargs.pop(name) for name in CONFIG_FLAGS}
+        try:
+            cfg = config_from_flags(**flags)
+        except SppError as exc:
+            raise _fail(exc) from None
+        command(cfg=cfg, **kwargs)
+
+    with_config.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+    with_config.__annotations__ = {p.name: p.annotation for p in params}
+    return with_config
+
+
+def _fail(exc: SppError) -> typer.Exit:
+    typer.echo(f"spp-extract: error: {printable(str(exc))}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spp-extract")
+    except PackageNotFoundError:  # running from a checkout that was not installed
+        from . import __version__
+
+        return __version__
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"spp-extract {_version()}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _command_line() -> None:
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Fixed-length CNN features for images at their native size (Spatial Pyramid Pooling)."""
     from .errors import use_command_line_terms
 
     use_command_line_terms()  # messages name --flags, not Python keywords
 
 
-def _overrides(**values: Any) -> dict[str, Any]:
-    if values.get("levels") is not None:
-        values["levels"] = parse_levels(values["levels"])
-    for name in ("batch_size", "batch_pixels", "workers"):
-        if values.get(name) is not None:
-            values[name] = int_or_auto(name.replace("_", "-"))(values[name])
-    return values
+class Progress:
+    """The progress display on ``stream``: a one-line status and a tqdm bar, only on a terminal
+    (a log gets the summary line instead) and only when there is work to show."""
+
+    def __init__(self, stream: IO[str], *, enabled: bool = True) -> None:
+        self.stream = stream
+        self.enabled = enabled and stream.isatty()
+        self.bar: Any = None
+
+    def status(self, text: str) -> None:
+        if self.enabled:
+            print(f"spp-extract: {text}", file=self.stream, flush=True)
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or (self.bar is None and total == 0):
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, file=self.stream)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
-def _fail(exc: SppError) -> typer.Exit:
-    typer.echo(f"spp-extract: error: {exc}", err=True)
-    return typer.Exit(exc.exit_code)
+def _program(argv0: str) -> list[str]:
+    """How the user started us: `python -m spp_extract` (also under torchrun) or `spp-extract`."""
+    if Path(argv0).name == "__main__.py":
+        return [os.path.basename(sys.executable) or "python", "-m", "spp_extract"]
+    return ["spp-extract"]
+
+
+def _shell_word(word: str) -> str:
+    """``word`` quoted for a POSIX shell; non-UTF-8 bytes and control characters as $'\\xe9'."""
+    if printable(word) == word:
+        return shlex.quote(word)
+    return "$'" + printable(word.replace("\\", "\\\\").replace("'", "\\'")) + "'"
+
+
+def resume_command(program: list[str], command: str, given: list[tuple[str, Any]],
+                   inputs: list[str]) -> str:  # fmt: skip
+    """The command line that continues a run: ``given`` are (option, value) pairs from the
+    parsed arguments (value True for a flag); --overwrite is dropped and --resume added once."""
+    words = [*program, command]
+    for option, value in given:
+        if option in ("--overwrite", "--resume"):
+            continue
+        words += [option] if value is True else [option, str(value)]
+    words.append("--resume")
+    if any(i.startswith("-") for i in inputs):
+        words.append("--")
+    return " ".join(_shell_word(w) for w in [*words, *inputs])
+
+
+def _given(ctx: typer.Context) -> tuple[list[tuple[str, Any]], list[str]]:
+    """The options given on the command line, as (option, value), and the positional inputs."""
+    given: list[tuple[str, Any]] = []
+    inputs: list[str] = []
+    for param in ctx.command.params:
+        name = param.name or ""
+        source = ctx.get_parameter_source(name)
+        value = ctx.params.get(name)
+        if source is None or source.name != "COMMANDLINE" or value is None:
+            continue
+        if param.param_type_name == "argument":
+            inputs = [str(v) for v in value]
+        elif getattr(param, "is_flag", False) and isinstance(value, bool):
+            opts = param.opts if value else param.secondary_opts
+            if opts:  # a one-sided flag given as False cannot happen
+                given.append((max(opts, key=len), True))
+        else:
+            given.append((max(param.opts, key=len), value))
+    return given, inputs
 
 
 @app.command()
+@_config_flags
 def extract(
+    ctx: typer.Context,
     inputs: Annotated[list[Path] | None, typer.Argument(help="Image files and folders (walked recursively).", show_default=False)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write.")] = Path("features.h5"),
-    config: ConfigOpt = None,
-    backbone: BackboneOpt = None,
-    layer: LayerOpt = None,
-    weights: WeightsOpt = None,
-    levels: LevelsOpt = None,
-    pooling: PoolingOpt = None,
-    batch_size: Annotated[str | None, typer.Option(help="Most images per batch, or auto.")] = None,
-    batch_pixels: Annotated[str | None, typer.Option(help="Most padded pixels per batch, or auto.")] = None,
-    batching: Annotated[str | None, typer.Option(help="auto, same-size or padded (exact masked padding).")] = None,
-    workers: Annotated[str | None, typer.Option(help="Decode processes, or auto.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="Stored precision: float32 or float16.")] = None,
-    precision: Annotated[str | None, typer.Option(help="Compute precision: fp32 (exact), bf16 or fp16.")] = None,
-    max_pixels: Annotated[int | None, typer.Option(help="Refuse (per image) images with more pixels.")] = None,
-    allow_truncated: Annotated[bool | None, typer.Option("--allow-truncated", help="Decode truncated files and mark their rows.", show_default=False)] = None,
-    follow_symlinks: Annotated[bool | None, typer.Option("--follow-symlinks", help="Follow directory symlinks while walking.", show_default=False)] = None,
-    files_from: Annotated[Path | None, typer.Option(help="File with one image path per line.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted or earlier run (starts one if none).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output once the new run has finished.")] = False,
-    retry_failed: Annotated[bool, typer.Option(help="With --resume: try the failed images again.")] = False,
-    strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    cfg: Config | None = None,
+    files_from: Annotated[Path | None, typer.Option(help="File with one image path per line.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted or earlier run (starts one if none).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output once the new run has finished.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the failed images again.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any image failed (one line says so, even with --quiet).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No status, progress bar or summary.")] = False,
 ) -> None:
     """Extract one SPP vector per image into an HDF5 file."""
-    from .pipeline import extract as run
-
+    assert cfg is not None  # given by _config_flags
     logging.basicConfig(level=logging.WARNING, format="spp-extract: %(message)s")
-    bar = None
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
+    if not quiet and main_rank:
+        logging.getLogger("spp_extract.backbones").setLevel(logging.INFO)  # "downloading ..."
+    progress = Progress(sys.stderr, enabled=not quiet and main_rank)
     try:
-        cfg = load_config(config, **_overrides(
-            backbone=backbone, layer=layer, weights=weights, levels=levels, pooling=pooling,
-            batch_size=batch_size, batch_pixels=batch_pixels, batching=batching, workers=workers,
-            device=device, dtype=dtype, precision=precision, max_pixels=max_pixels,
-            allow_truncated=allow_truncated, follow_symlinks=follow_symlinks,
-        ))  # fmt: skip
         if not inputs and files_from is None:
             raise ConfigError("no inputs; give image folders or files, or --files-from LIST")
-
-        main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
-
-        def progress(done: int, total: int) -> None:
-            nonlocal bar
-            if quiet or not main_rank:
-                return
-            if bar is None:
-                from tqdm import tqdm
-
-                bar = tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr)
-            bar.update(done - bar.n)
+        progress.status(f"loading {cfg.backbone} ...")  # before torch's import: seconds
+        from .pipeline import extract as run
 
         result = run(inputs or [], output, config=cfg, files_from=files_from, resume=resume,
                      overwrite=overwrite, retry_failed=retry_failed, progress=progress)  # fmt: skip
     except KeyboardInterrupt:  # before anything was written (loading the model, say)
+        progress.close()
         typer.echo("spp-extract: interrupted before any work was done", err=True)
         raise typer.Exit(130) from None
     except SppError as exc:
-        if bar is not None:
-            bar.close()
+        progress.close()
         if exc.exit_code >= 128:
-            command = " ".join(shlex.quote(a) for a in sys.argv)
-            if "--resume" not in sys.argv:
-                command += " --resume"
-            typer.echo(f"spp-extract: {exc}\n  resume with: {command}", err=True)
+            command = resume_command(_program(sys.argv[0]), ctx.info_name or "extract", *_given(ctx))
+            typer.echo(f"spp-extract: {printable(str(exc))}\n  resume with: {command}", err=True)
             raise typer.Exit(exc.exit_code) from None
         raise _fail(exc) from None
-    if bar is not None:
-        bar.close()
+    progress.close()
     if not quiet and main_rank:
         typer.echo(
             f"{result.images} images, {result.failed} failed, {result.feature_dim}-dim vectors, "
-            f"{result.seconds:.1f} s -> {result.output}", err=True,
+            f"{result.seconds:.1f} s -> {printable(str(result.output))}", err=True,
         )  # fmt: skip
         if result.overlaps:
             typer.echo(f"  note: {result.overlaps} files named by more than one input were "
                        "used once (under the first input's path)", err=True)  # fmt: skip
         for path, kind, message in result.failures[:10]:
-            typer.echo(f"  failed: {path}: {kind}: {message}", err=True)
+            typer.echo(f"  failed: {printable(path)}: {kind}: {printable(message)}", err=True)
         if len(result.failures) > 10:
             typer.echo(f"  ... {len(result.failures) - 10} more (spp-extract inspect lists all)", err=True)
     if strict and result.failed:
+        if main_rank:
+            typer.echo(f"spp-extract: {result.failed} images failed (--strict)", err=True)
         raise typer.Exit(1)
 
 
@@ -142,14 +263,13 @@ def backbones(
     levels: Annotated[str, typer.Option(help="Pyramid levels for the vector length.")] = "4,2,1",
 ) -> None:
     """List supported backbones: default layer, channels, vector length, exact mixed batching."""
+    try:
+        pyramid = load_config(None, levels=parse_levels(levels)).levels
+    except SppError as exc:
+        raise _fail(exc) from None
     from .backbones import describe, supported_backbones
     from .pooling import spp_dim
 
-    try:
-        pyramid = parse_levels(levels)
-        load_config(None, levels=pyramid)
-    except SppError as exc:
-        raise _fail(exc) from None
     typer.echo(f"{'backbone':<22}{'default layer':<16}{'channels':>9}{'dim':>10}  padded batching")
     for name in supported_backbones():
         layer, channels, maskable = describe(name)
@@ -158,21 +278,14 @@ def backbones(
 
 
 @app.command("config")
-def show_config(
-    config: ConfigOpt = None,
-    backbone: BackboneOpt = None,
-    layer: LayerOpt = None,
-    weights: WeightsOpt = None,
-    levels: LevelsOpt = None,
-    pooling: PoolingOpt = None,
-) -> None:
+@_config_flags
+def show_config(cfg: Config | None = None) -> None:
     """Print the resolved configuration as TOML (file < flags, defaults filled in)."""
+    assert cfg is not None  # given by _config_flags
     from .backbones import resolve
     from .pipeline import resolved_config
 
     try:
-        cfg = load_config(config, **_overrides(
-            backbone=backbone, layer=layer, weights=weights, levels=levels, pooling=pooling))
         typer.echo(to_toml(resolved_config(cfg, resolve(cfg))), nl=False)
     except SppError as exc:
         raise _fail(exc) from None

@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, printable
 
 AUTO = "auto"
 
 
 @dataclass(frozen=True)
 class Config:
-    """Everything that decides what a run computes and how."""
+    """Everything that decides what a run computes and how. Checked on construction."""
 
     backbone: str = "resnet50"
     layer: str = ""  # "" = the backbone's default layer (`spp-extract backbones` lists them)
@@ -44,14 +47,29 @@ class Config:
     decode_timeout: float = 120.0  # seconds one batch's decoding may take before it is isolated
     commit_seconds: float = 30.0  # work is committed to a shard at least this often
     follow_symlinks: bool = False  # follow directory symlinks while walking inputs
+    # Not configuration: where keys read from a file came from ("configs/x.toml line 3"), so
+    # that a conflict with a flag can name the file. Not compared, not written out.
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in KEYS:
+            value = _normalise(name, getattr(self, name))
+            object.__setattr__(self, name, value)
+            _check(name, value)
+        if bool(self.mean) != bool(self.std):
+            raise ConfigError("mean and std must be set together (three numbers each) or not at all")
+        object.__setattr__(self, "origins", MappingProxyType(dict(self.origins)))
 
     def replace(self, **changes: Any) -> Config:
-        return validate(dataclasses.replace(self, **changes))
+        origins = {k: v for k, v in self.origins.items() if k not in changes}
+        return dataclasses.replace(self, origins=origins, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The configuration keys and values (``origins`` is not one of them)."""
+        return {name: getattr(self, name) for name in KEYS}
 
 
+KEYS = tuple(f.name for f in fields(Config) if f.name != "origins")
 # Keys whose values change the vectors: a resumed run must agree on all of them.
 MODEL_KEYS = (
     "backbone", "layer", "weights", "levels", "pooling", "mean", "std", "seed", "dtype", "precision",
@@ -62,93 +80,119 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
     "batching": (AUTO, "same-size", "padded"),
 }
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,4})?)$")
+# Bounds: beyond them a value is a typo or an attack, never a plan (and would fail mid-run).
+MAX_LEVEL, MAX_LEVELS = 16, 8  # 8 levels of up to 16 x 16 bins: <= 1,496 bins per channel
+MAX_SECONDS = 7 * 24 * 3600.0  # decode_timeout, commit_seconds: at most one week
+MAX_PIXELS = 2**40  # max_pixels, batch_pixels (about 10^12)
+MAX_BATCH, MAX_WORKERS = 65_536, 1024
+MEAN_RANGE, STD_RANGE = (-1000.0, 1000.0), (1e-6, 1000.0)  # pixels are in [0, 1]
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.manual_seed accepts and TOML can hold
 
 
-def _positive_int(name: str, value: Any, *, allow_auto: bool = False) -> None:
+def _show(value: Any) -> str:
+    """``repr(value)`` for a one-line message: short, escaped, never raising."""
+    if isinstance(value, tuple):
+        value = list(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more than 4300 digits
+        return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
+    return text if len(text) <= 120 else text[:100] + "..." + text[-10:]
+
+
+def _invalid(name: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{name} = {_show(value)} is invalid; expected {expected}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _in_range(value: Any, low: float, high: float) -> bool:
+    return _is_number(value) and math.isfinite(value) and low <= value <= high
+
+
+def _check_int(name: str, value: Any, low: int, high: int, *, allow_auto: bool = False) -> None:
     if allow_auto and value == AUTO:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        expected = "a positive integer" + (" or 'auto'" if allow_auto else "")
-        raise ConfigError(f"{name} = {value!r} is invalid; expected {expected}")
+    if not _is_int(value) or not low <= value <= high:
+        expected = f"an integer from {low} to {high}" + (" or 'auto'" if allow_auto else "")
+        raise _invalid(name, value, expected)
+
+
+def _has_surrogates(text: str) -> bool:
+    return any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
 
 
 def _check(name: str, value: Any) -> None:
-    """Raise ConfigError if ``value`` is not acceptable for field ``name``."""
+    """Raise ConfigError if ``value`` is not acceptable for key ``name``: each key's rules."""
+    if isinstance(value, str) and _has_surrogates(value):
+        # A file name that is not UTF-8 (os.fsdecode's surrogate escapes) cannot be stored as
+        # TOML or HDF5 text, so a run could never record or resume it.
+        fix = "; rename the file to a UTF-8 name" if name == "weights" else ""
+        raise ConfigError(f"{name} = '{printable(value)}' is invalid: it is not valid UTF-8{fix}")
     if name in CHOICES:
         if value not in CHOICES[name]:
-            options = ", ".join(repr(c) for c in CHOICES[name])
-            raise ConfigError(f"{name} = {value!r} is invalid; expected one of {options}")
+            raise _invalid(name, value, "one of " + ", ".join(repr(c) for c in CHOICES[name]))
     elif name in ("backbone", "layer", "weights"):
         if not isinstance(value, str) or (name != "layer" and not value):
-            raise ConfigError(f"{name} = {value!r} is invalid; expected a non-empty string")
+            raise _invalid(name, value, "a non-empty string")
     elif name == "levels":
         if (
             not isinstance(value, tuple)
-            or not value
-            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in value)
+            or not 1 <= len(value) <= MAX_LEVELS
+            or not all(_is_int(n) and 1 <= n <= MAX_LEVEL for n in value)
             or len(set(value)) != len(value)
         ):
-            raise ConfigError(
-                f"levels = {list(value) if isinstance(value, tuple) else value!r} is invalid; "
-                "expected distinct positive integers such as [4, 2, 1]"
-            )
+            raise _invalid(name, value, f"1 to {MAX_LEVELS} distinct integers from 1 to "
+                           f"{MAX_LEVEL}, such as [4, 2, 1]")  # fmt: skip
     elif name in ("mean", "std"):
-        if not isinstance(value, tuple) or len(value) not in (0, 3) or any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) for v in value
-        ) or (name == "std" and any(v <= 0 for v in value)):
-            raise ConfigError(
-                f"{name} = {value!r} is invalid; expected three numbers (one per RGB channel)"
-                + (", all > 0" if name == "std" else "")
-            )
+        low, high = MEAN_RANGE if name == "mean" else STD_RANGE
+        if not isinstance(value, tuple) or len(value) not in (0, 3) or not all(
+            _in_range(v, low, high) for v in value
+        ):
+            raise _invalid(name, value, f"three finite numbers (one per RGB channel) from "
+                           f"{low:g} to {high:g}")  # fmt: skip
     elif name == "device":
         if not isinstance(value, str) or not _DEVICE.match(value):
-            raise ConfigError(
-                f"device = {value!r} is invalid; expected auto, cpu, cuda, cuda:N or mps"
-            )
-    elif name in ("batch_size", "batch_pixels"):
-        _positive_int(name, value, allow_auto=True)
+            raise _invalid(name, value, "auto, cpu, cuda, cuda:N or mps")
+    elif name == "batch_size":
+        _check_int(name, value, 1, MAX_BATCH, allow_auto=True)
+    elif name == "batch_pixels":
+        _check_int(name, value, 1, MAX_PIXELS, allow_auto=True)
     elif name == "workers":
-        if value != AUTO and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ConfigError(f"workers = {value!r} is invalid; expected 0 or more, or 'auto'")
-    elif name in ("max_pixels", "seed"):
-        if name == "seed":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"seed = {value!r} is invalid; expected an integer")
-        else:
-            _positive_int(name, value)
+        _check_int(name, value, 0, MAX_WORKERS, allow_auto=True)
+    elif name == "max_pixels":
+        _check_int(name, value, 1, MAX_PIXELS)
+    elif name == "seed":
+        _check_int(name, value, *SEED_RANGE)
     elif name in ("decode_timeout", "commit_seconds"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"{name} = {value!r} is invalid; expected a number of seconds > 0")
+        if not _in_range(value, 0.0, MAX_SECONDS) or value <= 0:
+            raise _invalid(name, value, f"a number of seconds > 0 and at most {MAX_SECONDS:g} "
+                           "(one week)")  # fmt: skip
     elif name in ("allow_truncated", "follow_symlinks"):
         if not isinstance(value, bool):
-            raise ConfigError(f"{name} = {value!r} is invalid; expected true or false")
-
-
-def validate(config: Config) -> Config:
-    for f in fields(config):
-        _check(f.name, getattr(config, f.name))
-    if bool(config.mean) != bool(config.std):
-        raise ConfigError("mean and std must be set together (three numbers each) or not at all")
-    return config
+            raise _invalid(name, value, "true or false")
 
 
 def _normalise(name: str, value: Any) -> Any:
-    """TOML arrays become tuples; ints are accepted where floats are expected."""
+    """Lists (TOML arrays) become tuples; ints are accepted where floats are expected."""
     if isinstance(value, list):
-        return tuple(value)
-    if name in ("decode_timeout", "commit_seconds") and isinstance(value, int) and not isinstance(
-        value, bool
-    ):
+        value = tuple(value)
+    if name in ("decode_timeout", "commit_seconds") and _is_int(value) and abs(value) < 2**53:
         return float(value)
     return value
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
-    names = [f.name for f in fields(Config)]
-    close = difflib.get_close_matches(key, names, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
-    return ConfigError(f"unknown config key {key!r}{where}{hint}")
+    close = difflib.get_close_matches(key, KEYS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(KEYS)}"
+    return ConfigError(f"unknown config key {_show(key)}{where}{hint}")
 
 
 def _line_of(text: str, key: str) -> int | None:
@@ -159,23 +203,32 @@ def _line_of(text: str, key: str) -> int | None:
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
-    """Built-in defaults, then the TOML file at ``path``, then ``overrides`` (None = not given)."""
+    """Built-in defaults, then the TOML file at ``path``, then ``overrides`` (None = not given).
+
+    ``origins`` of the result names the file and line of each key the file set."""
     values: dict[str, Any] = {}
-    names = {f.name for f in fields(Config)}
+    origins: dict[str, str] = {}
     if path is not None:
         path = Path(path)
+        shown = printable(str(path))
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+            raise ConfigError(f"cannot read config file '{shown}': {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file '{shown}' is not UTF-8 text (byte {exc.start}); TOML files are UTF-8"
+            ) from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+            raise ConfigError(f"config file '{shown}' is not valid TOML: {exc}") from None
+        except ValueError as exc:  # tomllib: an integer of more than 4300 digits
+            raise ConfigError(f"config file '{shown}' is not usable: {exc}".split(";")[0]) from None
         for key, value in data.items():
             line = _line_of(text, key)
-            where = f" in {path}" + (f" line {line}" if line else "")
-            if key not in names:
+            where = f" in {shown}" + (f" line {line}" if line else "")
+            if key not in KEYS:
                 raise _unknown_key(key, where)
             value = _normalise(key, value)
             try:
@@ -183,47 +236,91 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
             except ConfigError as exc:
                 raise ConfigError(f"{exc}{where}") from None
             values[key] = value
+            origins[key] = where.removeprefix(" in ")
     for key, value in overrides.items():
         if value is None:
             continue
-        if key not in names:
+        if key not in KEYS:
             raise _unknown_key(key, "")
-        values[key] = _normalise(key, value)
-    return validate(Config(**values))
+        values[key] = value
+        origins.pop(key, None)
+    return Config(**values, origins=origins)
+
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
+            "\r": "\\r"}  # fmt: skip
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string holding exactly ``text``: every control character escaped."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif code < 0x20 or 0x7F <= code < 0xA0:  # C0, DEL and C1 controls
+            out.append(f"\\u{code:04x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            raise ValueError(f"'{printable(text)}' holds a lone surrogate; TOML text is Unicode")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
-        return repr(value)
+        return repr(value)  # nan, inf, -inf, 1e+300 and any int are TOML as Python writes them
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (str, os.PathLike)):
+        return _toml_string(os.fspath(value))
+    raise TypeError(f"cannot write a {type(value).__name__} as a TOML value")
 
 
 def to_toml(values: Mapping[str, Any]) -> str:
-    """Flat mapping -> TOML text (only the value types a Config holds)."""
-    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
+    """Flat mapping -> TOML text that ``tomllib.loads`` reads back as the same values (tuples
+    as lists). Raises ValueError for text that is not Unicode (lone surrogates)."""
+    return "".join(
+        f"{key if _BARE_KEY.match(key) else _toml_string(key)} = {_toml_value(value)}\n"
+        for key, value in values.items()
+    )
+
+
+# Command-line numbers: ASCII digits only (int() would also take "٤", " 4", "4_000").
+_LEVELS = re.compile(r"^ *[0-9]+ *(, *[0-9]+ *)*$")
+_INT = re.compile(r"^ *-?[0-9]+ *$")
 
 
 def parse_levels(text: str) -> tuple[int, ...]:
-    """'6,3,2,1' -> (6, 3, 2, 1) for the command line."""
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
+    """'6,3,2,1' -> (6, 3, 2, 1) for the command line; spaces around the numbers are allowed,
+    empty parts ('4,,2', '4,') are not."""
+    if not _LEVELS.match(text):
         raise ConfigError(
-            f"levels {text!r} is invalid; expected comma-separated positive integers like 4,2,1"
-        ) from None
+            f"levels '{printable(text)}' is invalid; expected comma-separated integers from 1 to "
+            f"{MAX_LEVEL} like 4,2,1"
+        )
+    return tuple(_int(part) for part in text.split(","))
 
 
-def int_or_auto(name: str) -> Callable[[str], int | str]:
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # more than 4300 digits: far out of every range anyway
+        return 2**64
+
+
+def int_or_auto(name: str, *, allow_auto: bool = True) -> Callable[[str], int | str]:
+    """A parser for the command-line option ``--name``: ASCII digits (or 'auto')."""
+
     def parse(text: str) -> int | str:
-        if text == AUTO:
+        if allow_auto and text == AUTO:
             return AUTO
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"{name} {text!r} is invalid; expected an integer or 'auto'") from None
+        if not _INT.match(text):
+            expected = "an integer" + (" or 'auto'" if allow_auto else "")
+            raise ConfigError(f"--{name} '{printable(text)}' is invalid; expected {expected}")
+        return _int(text)
 
     return parse

@@ -70,4 +70,3 @@ def option(name: str, value: object = True) -> str:
         flag = "--" + name.replace("_", "-")
         return flag if value is True else f"{flag} {value}"
     return f"{name}={value!r}"
-

@@ -1,6 +1,8 @@
 """The command line as a contract: exit codes, one-line messages, nothing written on refusal."""
 
+import io
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -9,11 +11,13 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
+import typer
 from conftest import photo
 from PIL import Image
 from typer.testing import CliRunner
 
-from spp_extract.cli import app
+from spp_extract import cli
+from spp_extract.cli import CONFIG_FLAGS, Progress, app, resume_command
 
 runner = CliRunner()
 FAST = ["--backbone", "resnet18", "--weights", "none", "--workers", "0", "-q"]
@@ -60,8 +64,13 @@ def test_unknown_config_key_exit_2_nothing_written(tmp_path, example_dir):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--levels", "4,0"], "distinct positive integers"),
-        (["--levels", "2,2"], "distinct positive integers"),
+        (["--levels", "4,0"], "distinct integers from 1 to 16"),
+        (["--levels", "2,2"], "distinct integers from 1 to 16"),
+        (["--levels", "1000"], "levels = [1000] is invalid"),
+        (["--levels", "4,,2"], "levels '4,,2' is invalid"),
+        (["--levels", "\u0664,2"], "levels '\u0664,2' is invalid"),
+        (["--max-pixels", "\u0664"], "--max-pixels '\u0664' is invalid"),
+        (["--workers", "5000"], "workers = 5000 is invalid"),
         (["--layer", "layer9"], "unknown layer 'layer9'"),
         (["--weights", "missing.pt"], "neither a file nor a weights name"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "cuda"),
@@ -154,3 +163,193 @@ def test_python_dash_m_works(tmp_path, example_dir):
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out.h5").is_file()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ONLY = {"inputs", "output", "files_from", "resume", "overwrite", "retry_failed", "strict", "quiet", "ctx"}
+
+
+def test_help_shows_no_type_beside_flags():
+    result = _run("extract", "--help")
+    assert result.exit_code == 0
+    assert "<bool>" not in result.output
+    assert "--allow-truncated / --no-allow-truncated" in result.output
+    assert "--follow-symlinks / --no-follow-symlinks" in result.output
+
+
+def test_absent_flag_keeps_the_config_files_value(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("allow_truncated = true\nfollow_symlinks = true\n")
+    result = _run("config", "-c", config, "--weights", "none")
+    assert result.exit_code == 0, result.output
+    assert "allow_truncated = true" in result.output and "follow_symlinks = true" in result.output
+    result = _run("config", "-c", config, "--weights", "none", "--no-allow-truncated")
+    assert "allow_truncated = false" in result.output and "follow_symlinks = true" in result.output
+
+
+def test_config_command_takes_every_configuration_flag_of_extract():
+    commands = typer.main.get_command(app).commands
+    extract_flags = {p.name for p in commands["extract"].params} - RUN_ONLY
+    assert {p.name for p in commands["config"].params} == extract_flags == set(CONFIG_FLAGS)
+    result = _run("config", "--weights", "none", "--batch-size", "3", "--batch-pixels", "1000",
+                  "--batching", "padded", "--workers", "0", "--device", "cpu", "--dtype", "float16",
+                  "--precision", "bf16", "--max-pixels", "100", "--allow-truncated",
+                  "--follow-symlinks")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for line in ("batch_size = 3", "batch_pixels = 1000", 'batching = "padded"', "workers = 0",
+                 'device = "cpu"', 'dtype = "float16"', 'precision = "bf16"', "max_pixels = 100",
+                 "allow_truncated = true", "follow_symlinks = true"):  # fmt: skip
+        assert line in result.output.splitlines(), line
+
+
+def test_version():
+    result = _run("--version")
+    assert result.exit_code == 0 and result.output.strip() == "spp-extract 0.1.0"
+
+
+def test_help_and_version_import_no_torch_and_the_api_still_imports():
+    code = (
+        "import sys\n"
+        "from spp_extract.cli import app\n"
+        "for args in (['--help'], ['--version'], ['extract', '--help'], ['config', '--help']):\n"
+        "    try:\n"
+        "        app(args, prog_name='spp-extract')\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0, (args, exit.code)\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "from spp_extract import extract, Config, read_features, SpatialPyramidPooling, merge, spp_dim\n"
+        "assert 'torch' in sys.modules and callable(extract) and spp_dim(2, (2, 1)) == 10\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_draws_only_on_a_terminal_and_only_with_work():
+    tty = _Terminal()
+    nothing = Progress(tty)
+    nothing(0, 0)
+    nothing.close()
+    assert tty.getvalue() == ""  # a resume with nothing to do: no "0img [00:00, ?img/s]"
+    log = io.StringIO()
+    piped = Progress(log)
+    piped.status("loading resnet50 ...")
+    piped(0, 5)
+    piped(5, 5)
+    piped.close()
+    assert log.getvalue() == ""  # not a terminal: the summary line is enough
+    shown = Progress(tty)
+    shown.status("loading resnet50 ...")
+    shown(0, 5)
+    shown(5, 5)
+    shown.close()
+    assert tty.getvalue().startswith("spp-extract: loading resnet50 ...\n") and "5/5" in tty.getvalue()
+    quiet = Progress(_Terminal(), enabled=False)
+    quiet.status("x")
+    quiet(0, 5)
+    assert quiet.stream.getvalue() == ""
+
+
+def test_summary_strict_quiet_and_escaped_file_names(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(photo(40, 50)).save(folder / "good.png")
+    (folder / "bad\x1b[31m\nname.png").write_text("not a png")
+    out = tmp_path / "out.h5"
+    result = _run("extract", folder, "-o", out, *FAST[:-1])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("1 images, 1 failed, 10752-dim vectors")
+    assert lines[1].startswith("  failed: bad\\x1b[31m\\nname.png: not_an_image: ")
+    assert "\x1b" not in result.stderr and "img/s" not in result.stderr and "\r" not in result.stderr
+    # nothing left to do: only the summary, no empty progress bars
+    result = _run("extract", folder, "-o", out, *FAST[:-1], "--resume")
+    assert result.exit_code == 0 and result.stderr.splitlines()[0].startswith("1 images, 1 failed")
+    assert "img/s" not in result.stderr and "0img" not in result.stderr
+    result = _run("extract", folder, "-o", out, *FAST, "--resume", "--strict")
+    assert result.exit_code == 1 and result.stderr == "spp-extract: 1 images failed (--strict)\n"
+
+
+def test_resume_command_drops_overwrite_and_names_the_module():
+    python = os.path.basename(sys.executable)
+    command = resume_command(cli._program("/x/site-packages/spp_extract/__main__.py"), "extract",
+                             [("--output", "o.h5"), ("--overwrite", True), ("--workers", "0")],
+                             ["in dir", "-odd"])  # fmt: skip
+    assert shlex.split(command) == [python, "-m", "spp_extract", "extract", "--output", "o.h5",
+                                    "--workers", "0", "--resume", "--", "in dir", "-odd"]  # fmt: skip
+    command = resume_command(cli._program("/usr/bin/spp-extract"), "extract",
+                             [("--resume", True)], ["x\udce9\n.png"])  # fmt: skip
+    assert command == "spp-extract extract --resume $'x\\xe9\\n.png'"
+
+
+def test_interrupted_run_prints_a_resume_command_that_runs(tmp_path, example_dir, monkeypatch):
+    import spp_extract.pipeline as pipeline
+
+    calls = []
+
+    def interrupted(inputs, output, *, progress, **kwargs):
+        calls.append({"inputs": inputs, "output": output, **kwargs})
+        raise pipeline.Interrupted(2)
+
+    monkeypatch.setattr(pipeline, "extract", interrupted)
+    monkeypatch.setattr(sys, "argv", ["/x/spp_extract/__main__.py"])  # as under python -m
+    config = ROOT / "configs" / "mobile_fast.toml"
+    result = _run("extract", example_dir, "-o", tmp_path / "out.h5", "-c", config, "--overwrite",
+                  "--weights", "none", "--allow-truncated", "-q")  # fmt: skip
+    assert result.exit_code == 130
+    line = result.stderr.splitlines()[-1]
+    assert line.startswith("  resume with: ")
+    words = shlex.split(line.removeprefix("  resume with: "))
+    assert words[:4] == [os.path.basename(sys.executable), "-m", "spp_extract", "extract"]
+    assert "--overwrite" not in words and words.count("--resume") == 1
+    result = _run(*words[3:])  # the printed command parses to the same run, now resumed
+    assert result.exit_code == 130
+    assert calls[1] == {**calls[0], "resume": True, "overwrite": False}
+
+
+def test_config_file_value_is_named_when_it_conflicts_with_a_flag(tmp_path, example_dir):
+    config = ROOT / "configs" / "sppnet_vgg16.toml"
+    result = _run("extract", example_dir, "-o", tmp_path / "out.h5", *FAST, "-c", config,
+                  "--backbone", "resnet18")  # fmt: skip
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"spp-extract: error: unknown layer 'features.29' for resnet18 (layer came from {config} "
+        "line 5; pass --layer or remove it there); "
+    )
+    assert _nothing_written(tmp_path)
+
+
+def test_offline_default_weights_offer_none_and_print_nothing_on_stdout(tmp_path, example_dir):
+    result = _run("extract", example_dir, "-o", tmp_path / "out.h5", "--backbone", "resnet18",
+                  "--workers", "0", "-q")  # fmt: skip
+    assert result.exit_code == 2
+    assert result.stdout == ""  # torch.hub's "Downloading: ..." line
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--weights none" in lines[0] and "--weights FILE" in lines[0]
+    assert str(Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints") in lines[0]
+    assert _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["text", "npy", "pickle-of-numpy"])
+def test_weights_file_that_is_not_torch_says_so_without_unsafe_advice(tmp_path, example_dir, kind):
+    import numpy as np
+
+    path = tmp_path / f"w.{kind}"
+    if kind == "text":
+        path.write_text("hello\n")
+    elif kind == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    else:
+        torch.save({"conv1.weight": np.zeros(2)}, path)
+    result = _run("extract", example_dir, "-o", tmp_path / "out.h5", *FAST, "--weights", path)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"weights file '{path}' is not a PyTorch state-dict file" in lines[0]
+    assert "False" not in lines[0] and "\x1b" not in lines[0]
