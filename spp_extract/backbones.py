@@ -29,7 +29,7 @@ from torchvision.models import get_model as _tv_get_model
 from torchvision.models import get_model_weights, list_models
 
 from .config import Config
-from .errors import ConfigError, printable
+from .errors import ConfigError, option, printable
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def supported_backbones() -> list[str]:
 def _from_file(config: Config, *keys: str) -> str:
     """' (layer came from FILE line N; pass --layer or remove it there)' for keys a config file
     set, so that a conflict with a flag says where the other value came from."""
-    notes = [f"{key} came from {config.origins[key]}; pass --{key} or remove it there"
+    notes = [f"{key} came from {config.origins[key]}; pass {option(key, None)} or remove it there"
              for key in keys if key in config.origins]  # fmt: skip
     return f" ({'; '.join(notes)})" if notes else ""
 
@@ -420,8 +420,9 @@ def build_trunk(config: Config, resolved: ResolvedModel | None = None) -> Trunk:
             raise ConfigError(
                 f"cannot load {resolved.weights}{_from_file(config, 'weights')} "
                 f"({type(exc).__name__}: {printable(' '.join(str(exc).split())[:120])}); it is "
-                f"looked up at {cache} — download {enum_weights.url} there, pass --weights FILE "
-                "with a state dict, or --weights none for a seeded random init (trying things out)"
+                f"looked up at {cache} — download {enum_weights.url} there, pass "
+                f"{option('weights', 'FILE')} with a state dict, or {option('weights', 'none')} for a "
+                "seeded random init (trying things out)"
             ) from None
     else:
         torch.manual_seed(config.seed)  # random init is reproducible for weights = "none"

@@ -113,12 +113,14 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """Fixed-length CNN features for images at their native size (Spatial Pyramid Pooling)."""
-    from .errors import use_command_line_terms
+    from .errors import COMMAND_LINE
 
-    use_command_line_terms()  # messages name --flags, not Python keywords
+    token = COMMAND_LINE.set(True)  # messages name --flags, not Python keywords
+    ctx.call_on_close(lambda: COMMAND_LINE.reset(token))
 
 
 class Progress:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+
 
 def printable(text: str) -> str:
     """``text`` as one line of valid UTF-8: bytes that were not UTF-8 (kept by Python's
@@ -55,18 +57,16 @@ class ImageError(Exception):
 
 
 # Messages name options in the caller's terms: ``--resume`` on the command line,
-# ``resume=True`` in Python. The CLI switches this on for its process (a plain flag, not a
-# context variable: the writer thread builds messages too).
-_terms = {"command_line": False}
-
-
-def use_command_line_terms() -> None:
-    _terms["command_line"] = True
+# ``resume=True`` in Python. The CLI sets this for the duration of a command (threads that
+# build messages run in a copy of the caller's context).
+COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("command_line", default=False)
 
 
 def option(name: str, value: object = True) -> str:
-    """``option("resume")`` -> ``--resume`` (command line) or ``resume=True`` (Python)."""
-    if _terms["command_line"]:
+    """``option("resume")`` -> ``--resume`` (command line) or ``resume=True`` (Python);
+    ``option("layer", None)`` -> ``--layer`` or ``layer=...``; ``option("device", "cpu")``
+    -> ``--device cpu`` or ``device='cpu'``."""
+    if COMMAND_LINE.get():
         flag = "--" + name.replace("_", "-")
-        return flag if value is True else f"{flag} {value}"
-    return f"{name}={value!r}"
+        return flag if value is True or value is None else f"{flag} {value}"
+    return f"{name}=..." if value is None else f"{name}={value!r}"

@@ -7,6 +7,7 @@ torchrun.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import logging
 import os
@@ -119,13 +120,13 @@ def _device(config: Config, ctx: Dist) -> torch.device:
             name = "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+            raise ConfigError(f"device {name!r} requested but CUDA is not available; use {option('device', 'cpu')}")
         if name == "cuda":
             name = f"cuda:{ctx.local_rank if ctx.active else 0}"
         if int(name.split(":")[1]) >= torch.cuda.device_count():
             raise ConfigError(f"device {name!r} does not exist; {torch.cuda.device_count()} CUDA devices")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu")
+        raise ConfigError("device 'mps' requested but MPS is not available; use {option('device', 'cpu')}")
     return torch.device(name)
 
 
@@ -180,7 +181,9 @@ class BackgroundWriter:
     def __init__(self) -> None:
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="spp-writer", daemon=True)
+        # In the caller's context: messages built there use the caller's terms (errors.option).
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,),
+                                        name="spp-writer", daemon=True)  # fmt: skip
         self._thread.start()
 
     def _loop(self) -> None:

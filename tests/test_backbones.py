@@ -73,7 +73,8 @@ def test_default_weights_offline_without_cache_names_the_cache_file(tmp_path):
         build_trunk(Config(backbone="resnet18"))
     message = str(info.value)
     expected = expected_cache_file(get_model_weights("resnet18").DEFAULT.url)
-    assert str(expected) in message and "--weights FILE" in message
+    assert str(expected) in message and "weights='FILE'" in message  # Python terms: an API call
+    assert "weights='none'" in message
     assert str(expected).startswith(os.environ["TORCH_HOME"])
 
 

@@ -107,8 +107,14 @@ def test_file_layout_and_attributes(tmp_path, example_dir):
 
 def test_rows_are_sorted_and_keyed_by_relative_path(tmp_path, example_dir):
     out = tmp_path / "f.h5"
-    extract([example_dir, example_dir / "sub" / "nested.bmp"], out,
+    extract([example_dir / "sub", example_dir / "landscape.jpg"], out,
             config=Config(backbone="resnet18", weights="none", workers=0))  # fmt: skip
     paths = read_features(out).paths
     assert paths == sorted(paths, key=lambda p: p.encode())
-    assert str(example_dir / "sub" / "nested.bmp") in paths  # given directly: stored as given
+    assert str(example_dir / "landscape.jpg") in paths  # given directly: stored as given
+    assert "nested.bmp" in paths  # found in a folder: relative to it
+    # a file inside a folder also given: one row, under the first input's path
+    result = extract([example_dir, example_dir / "sub" / "nested.bmp"], tmp_path / "g.h5",
+                     config=Config(backbone="resnet18", weights="none", workers=0))  # fmt: skip
+    paths = read_features(tmp_path / "g.h5").paths
+    assert "sub/nested.bmp" in paths and len(paths) == 12 and result.overlaps == 1
