@@ -600,8 +600,7 @@ def _run_rank(
         if window != current:
             if current >= 0:
                 elapsed = time.monotonic() - window_started
-                w = planner.windows[current]
-                planner.rate = (w.stop - w.start) / max(elapsed, 1e-3)
+                planner.rate = planner.window_pixels(current) / max(elapsed, 1e-3)
                 commit(current)
             current, window_started = window, time.monotonic()
         shard = shard_for(window)

@@ -27,8 +27,10 @@ class Window:
 class Planner:
     """Yields batches (lists of indices into the work list), window by window.
 
-    A window is a contiguous run of the sorted work list and becomes one shard; its size
-    follows the measured speed so that a shard is committed about every ``commit_seconds``.
+    A window is a contiguous run of the sorted work list and becomes one shard; its size in
+    pixels follows the measured speed (``rate``, pixels per second) so that a shard is
+    committed about every ``commit_seconds`` however image sizes vary along the list. The
+    first window is small (twice the batch size) so that the first commit comes soon.
     Within a window, images are grouped by size: identical sizes only (``padded=False``) or
     into 64-px buckets padded to their largest member (``padded=True``).
 
@@ -45,7 +47,10 @@ class Planner:
         self.commit_seconds = commit_seconds
         self.windows: list[Window] = []
         self._starts: list[int] = []
-        self.rate: float | None = None  # images per second, set by the consumer
+        self.rate: float | None = None  # pixels per second, set by the consumer (measured)
+        known = [h * w for s in sizes if s is not None for h, w in [s]]
+        typical = int(np.median(known)) if known else 512 * 512
+        self.pixels = [s[0] * s[1] if s is not None else typical for s in sizes]
         self._next = 0
         self._issued: collections.deque[list[int]] = collections.deque()
         self._pending: collections.deque[list[int]] = collections.deque()
@@ -53,10 +58,22 @@ class Planner:
     def window_of(self, index: int) -> int:
         return bisect.bisect_right(self._starts, index) - 1
 
-    def _window_size(self) -> int:
-        if self.rate is None:
-            return 2 * self.batch_size  # a first commit soon; then sized by measured speed
-        return max(self.batch_size, min(100_000, int(self.rate * self.commit_seconds)))
+    def window_pixels(self, window: int) -> int:
+        w = self.windows[window]
+        return sum(self.pixels[w.start : w.stop])
+
+    def _window_stop(self, start: int) -> int:
+        """End of the window that starts at ``start``: at least one image, at most 100,000."""
+        if self.rate is None:  # a first commit soon; then sized by the measured speed
+            count, budget = 2 * self.batch_size, float("inf")
+        else:
+            count, budget = 100_000, self.rate * self.commit_seconds
+        stop, total = start, 0
+        limit = min(len(self.sizes), start + count)
+        while stop < limit and (stop == start or total + self.pixels[stop] <= budget):
+            total += self.pixels[stop]
+            stop += 1
+        return stop
 
     def _plan_window(self, start: int, stop: int) -> list[list[int]]:
         known = [i for i in range(start, stop) if self.sizes[i] is not None]
@@ -93,7 +110,7 @@ class Planner:
             else:
                 if self._next >= len(self.sizes):
                     return
-                start, stop = self._next, min(len(self.sizes), self._next + self._window_size())
+                start, stop = self._next, self._window_stop(self._next)
                 self.windows.append(Window(start, stop))
                 self._starts.append(start)
                 self._next = stop

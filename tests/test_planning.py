@@ -23,7 +23,7 @@ def test_every_image_once_in_contiguous_windows_within_limits(padded):
     seen = []
     for batch in planner:
         planner.received()
-        planner.rate = 50.0  # measured speed, images/s: windows of 50 after the first
+        planner.rate = 2e6  # measured speed, pixels/s: windows of at most 2 MP after the first
         windows = {planner.window_of(i) for i in batch}
         assert len(windows) == 1  # a batch never spans two shards
         known = [sizes[i] for i in batch if sizes[i] is not None]
@@ -40,7 +40,23 @@ def test_every_image_once_in_contiguous_windows_within_limits(padded):
     starts = [w.start for w in planner.windows]
     stops = [w.stop for w in planner.windows]
     assert starts[0] == 0 and stops[-1] == 300 and starts[1:] == stops[:-1]
-    assert stops[0] - starts[0] == 16 and all(b - a == 50 for a, b in zip(starts[1:-1], stops[1:-1], strict=True))
+    assert stops[0] - starts[0] == 16 and len(planner.windows) > 10
+    for w in range(1, len(planner.windows) - 1):  # full, and one more image would not fit
+        assert planner.window_pixels(w) <= 2e6 < planner.window_pixels(w) + planner.pixels[stops[w]]
+
+
+def test_windows_follow_pixels_not_image_counts():
+    """Many tiny images, then large ones: a window of large images is as short in time as one
+    of tiny images (counting images would put all the large ones in one late commit)."""
+    sizes = [(16, 16)] * 120 + [(1000, 1000)] * 16
+    planner = Planner(sizes, padded=False, batch_size=4, batch_pixels=4 * 1000 * 1000,
+                      commit_seconds=2.0)  # fmt: skip
+    for _ in planner:
+        planner.received()
+        planner.rate = 1e6  # pixels/s: 2 MP per commit
+    # at most 2 MP (two large images) in every window after the first
+    assert all(sum(s[0] * s[1] for s in sizes[w.start : w.stop]) <= 2e6 for w in planner.windows[1:])
+    assert sum(w.stop - w.start for w in planner.windows) == 136
 
 
 def test_rewind_hands_out_unreceived_batches_again():
