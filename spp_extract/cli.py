@@ -318,12 +318,14 @@ def merge(
     from .writer import merge as do_merge
 
     try:
+        if dest.is_dir():
+            raise ConfigError(f"'{dest}' is a folder; give a file name for the merged copy")
         if dest.exists() and not overwrite:
             raise ConfigError(f"'{dest}' exists; pass --overwrite to replace it")
         rows = do_merge(source, dest)
     except SppError as exc:
         raise _fail(exc) from None
-    typer.echo(f"{rows} rows -> {dest}", err=True)
+    typer.echo(f"{rows} rows -> {printable(str(dest))}", err=True)
 
 
 def main() -> None:

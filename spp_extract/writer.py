@@ -507,7 +507,8 @@ def check_sources(path: Path) -> None:
     if broken:
         raise OutputError(
             f"{path} is a view over shard files, and {len(broken)} cannot be read (first: "
-            f"{broken[0]}); resume the run that wrote it to redo their images"
+            f"{broken[0]}); move it away and continue the run that wrote it with "
+            f"{option('resume')} to redo its images"
         )
 
 
@@ -526,7 +527,7 @@ def merge(source: Path, dest: Path, *, block_rows: int = 1024) -> int:
         )
     tmp = _atomic_h5(dest)
     try:
-        with h5py.File(source, "r") as src, h5py.File(tmp, "w") as out:
+        with h5py.File(source, "r", locking=False) as src, h5py.File(tmp, "w") as out:
             features = src["features"]
             n, dim = features.shape
             rows = max(1, min(max(n, 1), (1 << 20) // max(1, dim * features.dtype.itemsize)))

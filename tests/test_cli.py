@@ -353,3 +353,71 @@ def test_weights_file_that_is_not_torch_says_so_without_unsafe_advice(tmp_path, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"weights file '{path}' is not a PyTorch state-dict file" in lines[0]
     assert "False" not in lines[0] and "\x1b" not in lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, example_dir):
+    folder = tmp_path_factory.mktemp("finished")
+    out = folder / "f.h5"
+    assert _run("extract", example_dir, "-o", out, *FAST).exit_code == 0
+    return out
+
+
+def _foreign_h5(path: Path) -> Path:
+    with h5py.File(path, "w") as f:
+        f["data"] = [1, 2, 3]
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda d: d / "missing.h5", "does not exist"),
+        (lambda d: d, "is a folder"),
+        (lambda d: (d / "t.txt", (d / "t.txt").write_text("hello"))[0], "not an HDF5 file"),
+        (lambda d: _foreign_h5(d / "x.h5"), "did not write"),
+    ],
+    ids=["missing", "folder", "text", "foreign-hdf5"],
+)
+@pytest.mark.parametrize("command", ["inspect", "merge"])
+def test_inspect_and_merge_refuse_what_is_not_an_output_in_one_line(tmp_path, make, fragment, command):
+    source = make(tmp_path)
+    args = [command, source] + ([tmp_path / "m.h5"] if command == "merge" else [])
+    result = _run(*args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert not (tmp_path / "m.h5").exists()
+
+
+@pytest.mark.parametrize(
+    "dest, fragment",
+    [(lambda f: f.parent / "nodir" / "m.h5", "does not exist"),
+     (lambda f: f.parent, "is a folder"),
+     (lambda f: f.parent / "f.h5.shards" / "m.h5", "inside its shards folder")],
+    ids=["missing-folder", "folder", "own-shards"],
+)  # fmt: skip
+def test_merge_refuses_bad_destinations_in_one_line(finished, dest, fragment):
+    result = _run("merge", finished, dest(finished))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert not (finished.parent / "f.h5.shards" / "m.h5").exists()
+
+
+def test_inspect_refuses_a_truncated_shard(tmp_path, example_dir):
+    out = tmp_path / "f.h5"
+    assert _run("extract", example_dir, "-o", out, *FAST).exit_code == 0
+    shard = sorted((tmp_path / "f.h5.shards").rglob("a*.h5"))[0]
+    with open(shard, "r+b") as fh:
+        fh.truncate(3000)
+    result = _run("inspect", out)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot be read" in lines[0] and "--resume" in lines[0]
+
+
+def test_inspect_shows_what_the_run_used(finished):
+    result = _run("inspect", finished)
+    assert result.exit_code == 0
+    assert "device: cpu" in result.output and "complete: true" in result.output
