@@ -230,6 +230,15 @@ def _weights_enum(config: Config):  # noqa: ANN202 (torchvision WeightsEnum memb
     enum = get_model_weights(config.backbone)
     if config.weights == "DEFAULT":
         return enum.DEFAULT
+    if "_Weights." in config.weights and not Path(config.weights).exists():
+        try:  # torchvision's own parser: refuses another model's weights
+            return enum.verify(config.weights)
+        except (ValueError, KeyError):
+            options = ", ".join(["DEFAULT", *(w.name for w in enum)])
+            raise ConfigError(
+                f"weights {config.weights!r}{_from_file(config, 'weights')} are not "
+                f"{config.backbone}'s ({enum.__name__}); expected one of: {options}"
+            ) from None
     names = [w.name for w in enum]
     short = config.weights.split(".")[-1]
     if short in names:
@@ -425,8 +434,9 @@ def build_trunk(config: Config, resolved: ResolvedModel | None = None) -> Trunk:
                 "seeded random init (trying things out)"
             ) from None
     else:
-        torch.manual_seed(config.seed)  # random init is reproducible for weights = "none"
-        model = get_model(config.backbone, weights=None)
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
+            torch.manual_seed(config.seed)  # random init is reproducible for weights = "none"
+            model = get_model(config.backbone, weights=None)
     model.eval()
     trunk = _cut(family.chain(model), resolved.layer)
     if resolved.weights.startswith("file:"):

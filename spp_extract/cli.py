@@ -90,7 +90,8 @@ def _config_flags(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def _fail(exc: SppError) -> typer.Exit:
-    typer.echo(f"spp-extract: error: {printable(str(exc))}", err=True)
+    if not getattr(exc, "reported_by_rank0", False):  # under torchrun: one line, not one a rank
+        typer.echo(f"spp-extract: error: {printable(str(exc))}", err=True)
     return typer.Exit(exc.exit_code)
 
 

@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -333,6 +333,24 @@ def _run_dir(output: Path, fp: dict[str, Any], resume: bool) -> Path:
 
 
 @contextlib.contextmanager
+def _process_settings_restored() -> Iterator[None]:
+    """extract() sets compute threads, TF32/cuDNN flags and the CUDA device for its run; the
+    caller gets its own back afterwards."""
+    threads = torch.get_num_threads()
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark)  # fmt: skip
+    cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = flags  # fmt: skip
+        if cuda_device is not None:
+            torch.cuda.set_device(cuda_device)
+
+
+@contextlib.contextmanager
 def _signals(caught: list[int]) -> Iterator[None]:
     """Collect SIGINT/SIGTERM into ``caught`` instead of dying; a second one stops at once."""
     if threading.current_thread() is not threading.main_thread():
@@ -353,9 +371,39 @@ def _signals(caught: list[int]) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _broadcast(ctx: Dist, value: Any) -> Any:
-    if not ctx.active:
-        return value
+T = TypeVar("T")
+
+
+def on_rank0(ctx: Dist, work: Callable[[], T]) -> T:
+    """Rank 0 does ``work``; every rank returns its result or raises the same error, so no
+    rank is left waiting in a collective after rank 0 failed. An OSError becomes an
+    OutputError (one line, exit 1); anything else unexpected is re-raised on rank 0 and
+    reported to the other ranks as an OutputError."""
+    result: Any = None
+    error: BaseException | None = None
+    if ctx.rank == 0:
+        try:
+            result = work()
+        except SppError as exc:
+            error = exc
+        except OSError as exc:
+            error = OutputError(f"cannot write the output ({printable(str(exc))})")
+        except BaseException as exc:
+            if not ctx.active:
+                raise
+            error = OutputError(f"rank 0 failed: {type(exc).__name__}: {printable(str(exc))}")
+            _share(ctx, (None, error))
+            raise
+    if ctx.active:
+        result, error = _share(ctx, (result, error))
+        if error is not None and ctx.rank != 0:
+            error.reported_by_rank0 = True  # type: ignore[attr-defined]  # rank 0 prints it
+    if error is not None:
+        raise error
+    return result
+
+
+def _share(ctx: Dist, value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -381,8 +429,16 @@ def extract(
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    config = config or Config()
-    output = Path(output).absolute()
+    # Building models (on the meta device too) draws on torch's RNG: the caller's is kept.
+    with torch.random.fork_rng(devices=[]):
+        return _extract(inputs, Path(output), config or Config(), files_from, resume, overwrite,
+                        retry_failed, progress)  # fmt: skip
+
+
+def _extract(inputs: Sequence[str | os.PathLike[str]], output: Path, config: Config,
+             files_from: str | os.PathLike[str] | None, resume: bool, overwrite: bool,
+             retry_failed: bool, progress: Callable[[int, int], None] | None) -> Result:  # fmt: skip
+    output = output.absolute()
     ctx = _dist_from_env()
     started = time.monotonic()
     resolved = resolve(config)
@@ -398,53 +454,16 @@ def extract(
     lock = OutputLock(output) if ctx.rank == 0 else None
     caught: list[int] = []
     stack = contextlib.ExitStack()
-    run_dir: Path | None = None
-    keep_old_output = False
-    refs: list[images.ImageRef] = []
-    overlaps = 0
+    stack.enter_context(_process_settings_restored())
     try:
         # Rank 0 takes the lock first, then checks what is there, and holds it to the end:
         # nothing can change the output between the check and the writing.
-        setup: tuple[str, bool, int, str | None] = ("", False, 0, None)
-        if ctx.rank == 0:
-            assert lock is not None
-            try:
-                _check_output_name(output, resume, overwrite)
-                lock.acquire()
-                existed = _check_existing(output, resume, overwrite)
-                found = images.find_images(inputs, files_from=files_from,
-                                           follow_symlinks=config.follow_symlinks)  # fmt: skip
-                refs, overlaps = found.refs, found.overlaps
-                if not refs:
-                    raise ConfigError("no images found in the inputs (looked for "
-                                      + ", ".join(sorted(images.IMAGE_EXTENSIONS)) + ")")
-                setup = (str(_run_dir(output, fp, resume)), overwrite and existed, overlaps, None)
-            except SppError as exc:
-                setup = ("", False, 0, f"{type(exc).__name__}:{exc}")
-        setup = _broadcast(ctx, setup)
-        if setup[3] is not None:
-            kind, _, message = setup[3].partition(":")
-            raise (ConfigError if kind == "ConfigError" else OutputError)(message)
-        run_dir, keep_old_output, overlaps = Path(setup[0]), setup[1], setup[2]
-        refs = _broadcast(ctx, refs if ctx.rank == 0 else None)  # one list, the same everywhere
+        setup = on_rank0(ctx, lambda: _setup(inputs, output, files_from, config, fp, lock,
+                                             resume, overwrite))  # fmt: skip
         trunk = build_trunk(config, resolved)  # loads weights: may still raise ConfigError
         # From here on, things are written; a signal is noted, and acted on between batches.
         stack.enter_context(_signals(caught))
-        error: str | None = None
-        attempt = 0
-        if ctx.rank == 0:
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                remove_stale_tmp(output)  # a view or merge killed before its rename
-                if remove_partial(run_dir):
-                    log.info("discarded half-written shards from an interrupted run")
-                _write_run_toml(run_dir, fp, resolved_config(config, resolved))
-                attempt = next_attempt(run_dir)
-            except (SppError, OSError) as exc:
-                error = str(exc)
-        error, attempt = _broadcast(ctx, (error, attempt))
-        if error is not None:
-            raise OutputError(error)
+        attempt = on_rank0(ctx, lambda: _prepare(output, setup.run_dir, fp, config, resolved))
         padded = _padded(config, device, trunk)
         dim = spp_dim(trunk.channels, config.levels)
         attrs = run_attrs(
@@ -457,27 +476,30 @@ def extract(
             torchvision_version=str(torchvision.__version__), device=device.type,
             batching="padded" if padded else "same-size", world_size=ctx.world,
         )  # fmt: skip
+        refs, run_dir = setup.refs, setup.run_dir
+        keys, keep = [r.key_bytes for r in refs], _unlisted(refs)
         try:
             processed, failures = _run_rank(
                 refs, run_dir, attempt, trunk, config, device, padded, ctx, retry_failed,
                 progress, caught,
             )  # fmt: skip
         except (Interrupted, OutputError):
-            if ctx.rank == 0 and not keep_old_output:
-                _partial_view(output, run_dir, refs, dim, config.dtype, attrs)
+            if ctx.rank == 0 and not setup.keep_old_output:
+                _partial_view(output, run_dir, keys, dim, config.dtype, attrs, keep)
             raise
         if ctx.active:
             dist.barrier()
-        rows = failed = 0
-        if ctx.rank == 0:
-            rows, failed = assemble(output, run_dir, [r.key_bytes for r in refs], dim,
-                                    config.dtype, attrs, keep_prefixes=_unlisted(refs))  # fmt: skip
+
+        def finish() -> tuple[int, int]:
+            counts = assemble(output, run_dir, keys, dim, config.dtype, attrs, keep_prefixes=keep)
             for other in shards_root(output).glob("run-*"):
                 if other != run_dir:  # an --overwrite'n run: the new file is in place now
                     remove_tree(other)
-        rows, failed = _broadcast(ctx, (rows, failed))
+            return counts
+
+        rows, failed = on_rank0(ctx, finish)
         return Result(output, rows, failed, dim, time.monotonic() - started, processed, failures,
-                      overlaps)  # fmt: skip
+                      setup.overlaps)  # fmt: skip
     finally:
         stack.close()
         if lock is not None:
@@ -486,14 +508,49 @@ def extract(
             dist.destroy_process_group()
 
 
-def _partial_view(output: Path, run_dir: Path, refs: Sequence[images.ImageRef], dim: int,
-                  dtype: str, attrs: dict[str, Any]) -> None:  # fmt: skip
+@dataclass(frozen=True)
+class _Setup:
+    run_dir: Path
+    refs: list[images.ImageRef]
+    overlaps: int  # files named by more than one input (used once)
+    keep_old_output: bool  # --overwrite of an existing output: it stays until the new one is done
+
+
+def _setup(inputs: Sequence[str | os.PathLike[str]], output: Path,
+           files_from: str | os.PathLike[str] | None, config: Config, fp: dict[str, Any],
+           lock: OutputLock | None, resume: bool, overwrite: bool) -> _Setup:  # fmt: skip
+    """Rank 0, before anything is written: the output may be written, the inputs, the run."""
+    assert lock is not None
+    _check_output_name(output, resume, overwrite)
+    lock.acquire()
+    existed = _check_existing(output, resume, overwrite)
+    found = images.find_images(inputs, files_from=files_from,
+                               follow_symlinks=config.follow_symlinks)  # fmt: skip
+    if not found.refs:
+        raise ConfigError("no images found in the inputs (looked for "
+                          + ", ".join(sorted(images.IMAGE_EXTENSIONS)) + ")")  # fmt: skip
+    return _Setup(_run_dir(output, fp, resume), found.refs, found.overlaps, overwrite and existed)
+
+
+def _prepare(output: Path, run_dir: Path, fp: dict[str, Any], config: Config,
+             resolved: ResolvedModel) -> int:  # fmt: skip
+    """Rank 0: the run folder, cleaned of half-written files, with its run.toml; returns the
+    number of this attempt (shard names start with it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(output)  # a view or merge killed before its rename
+    if remove_partial(run_dir):
+        log.info("discarded half-written shards from an interrupted run")
+    _write_run_toml(run_dir, fp, resolved_config(config, resolved))
+    return next_attempt(run_dir)
+
+
+def _partial_view(output: Path, run_dir: Path, keys: list[bytes], dim: int, dtype: str,
+                  attrs: dict[str, Any], keep: list[bytes]) -> None:  # fmt: skip
     """After an interruption: the output shows what is committed (``complete = false``)."""
     try:
-        assemble(output, run_dir, [r.key_bytes for r in refs], dim, dtype, attrs, complete=False,
-                 keep_prefixes=_unlisted(refs))  # fmt: skip
+        assemble(output, run_dir, keys, dim, dtype, attrs, complete=False, keep_prefixes=keep)
     except SppError as exc:
-        log.warning("could not write the partial output (%s)", exc)
+        log.info("could not write the partial output (%s)", exc)  # the run's own error says more
 
 
 def _unlisted(refs: Sequence[images.ImageRef]) -> list[bytes]:
@@ -523,14 +580,14 @@ def _run_rank(
     progress: Callable[[int, int], None] | None, caught: list[int],
 ) -> tuple[int, list[tuple[str, str, str]]]:  # fmt: skip
     """This rank's share: work out what is left, plan it, run it, commit shards."""
-    todo: list[int] | None = None
-    if ctx.rank == 0:
+
+    def left_to_do() -> list[int]:
         state = read_state(run_dir)
         stats = [file_stat(r) for r in refs]
-        todo = [i for i, r in enumerate(refs)
+        return [i for i, r in enumerate(refs)
                 if not state.done(r.key_bytes, _source(r), *stats[i], retry_failed)]  # fmt: skip
-    todo = _broadcast(ctx, todo)
-    assert todo is not None
+
+    todo = on_rank0(ctx, left_to_do)
     workers = _workers(config, device, ctx)
     if device.type == "cpu":
         torch.set_num_threads(max(1, _cores() // ctx.local_world - workers))

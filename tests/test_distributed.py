@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -94,3 +95,45 @@ def test_sigterm_under_torchrun_keeps_work(tmp_path, inputs, single):
     resumed = _run(inputs, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same(keyed(out), single, FAILED)
+
+
+def _ranks_by_hand(inputs, out, *extra):
+    """Two ranks started without torchrun (which would kill the survivors of a failed rank),
+    so each rank's own exit status and messages can be seen."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, str(RUNNER), "none", "--", "extract", str(inputs), "-o", str(out),
+               *ARGS, *extra]  # fmt: skip
+    processes = []
+    for rank in range(2):
+        env = {**os.environ, "PYTHONPATH": str(RUNNER.parent.parent), "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        processes.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True))
+    results = []
+    for process in processes:
+        try:
+            _, stderr = process.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise AssertionError("a rank was left waiting") from None
+        results.append((process.returncode, stderr))
+    return results
+
+
+def test_an_error_on_rank0_ends_every_rank_with_one_line(tmp_path, inputs):
+    out = tmp_path / "out.h5"
+    assert _run(inputs, out).returncode == 0
+    shard = sorted(shards_root(out).rglob("a*.h5"))[0]
+    shard.write_bytes(b"not an HDF5 file any more")
+    started = time.monotonic()
+    (code0, err0), (code1, err1) = _ranks_by_hand(inputs, out, "--resume")
+    assert time.monotonic() - started < 60
+    assert code0 == code1 == 1, (err0, err1)
+    lines = err0.strip().splitlines()
+    assert len(lines) == 1 and "unreadable" in lines[0] and "--resume" in lines[0], err0
+    assert err1.strip() == ""  # rank 0 reports it

@@ -118,3 +118,29 @@ def test_rows_are_sorted_and_keyed_by_relative_path(tmp_path, example_dir):
                      config=Config(backbone="resnet18", weights="none", workers=0))  # fmt: skip
     paths = read_features(tmp_path / "g.h5").paths
     assert "sub/nested.bmp" in paths and len(paths) == 12 and result.overlaps == 1
+
+
+def test_extract_leaves_the_callers_process_as_it_found_it(tmp_path, example_dir):
+    from PIL import ImageFile
+
+    torch.manual_seed(1234)
+    rng = torch.random.get_rng_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1) if threads > 1 else 1)
+    threads = torch.get_num_threads()
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
+    extract([example_dir], tmp_path / "f.h5",
+            config=Config(backbone="resnet18", weights="none", workers=0, seed=7))  # fmt: skip
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert torch.get_num_threads() == threads
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == flags
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_another_models_weights_name_is_refused():
+    from spp_extract import ConfigError
+    from spp_extract.backbones import resolve
+
+    with pytest.raises(ConfigError, match="not resnet50's"):
+        resolve(Config(backbone="resnet50", weights="ResNet18_Weights.IMAGENET1K_V1"))
+    assert resolve(Config(backbone="resnet50", weights="ResNet50_Weights.IMAGENET1K_V1")).weights.endswith("IMAGENET1K_V1")
