@@ -49,7 +49,7 @@ ORDER = "power -> l2 -> centre -> project -> whiten -> l2"
 FINGERPRINT_KEYS = ("backbone", "layer", "weights", "levels", "pooling", "mean", "std", "feature_dim")
 SAMPLE_DEFAULT = 100_000
 SAMPLE_BYTES = 2 << 30  # the default sample is capped to about this much float32
-EXACT_SIDE = 2048  # exact SVD when the sample's smaller side is at most this (or near dim)
+EXACT_SIDE = 1024  # exact SVD when the sample's smaller side is at most this (or near 2 x dim)
 
 
 # ----------------------------------------------------------------------------- maths
@@ -83,7 +83,7 @@ def pca(x: Tensor, dim: int, *, method: Literal["auto", "exact", "lowrank"] = "a
     ``exact``: ``torch.linalg.svd`` of the centred sample (cost n·D·min(n, D));
     ``lowrank``: ``torch.svd_lowrank`` with ``dim + oversample`` columns and ``niter`` power
     iterations (cost about n·D·(dim + oversample)·(2·niter + 2)); ``auto``: exact when
-    ``min(n, D) <= 2048`` or when dim + oversample is at least half of it. ``inplace``: centre
+    ``min(n, D) <= 1024`` or when dim + oversample is at least half of it. ``inplace``: centre
     ``x`` itself instead of a copy (the sample can be most of the memory).
     """
     n, d = x.shape

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageOps
 from typer.testing import CliRunner
 
 import spp_extract
@@ -383,8 +383,6 @@ def altered_copies(folder: Path) -> dict[str, str]:
     for name in ("landscape.jpg", "portrait.png", "rotated_exif.jpg", "cmyk.jpg",
                  "sub/nested.bmp", "sub/UPPER.TIFF", "transparent.png", "gray.png"):  # fmt: skip
         with Image.open(folder / name) as img:
-            from PIL import ImageOps
-
             rgb = ImageOps.exif_transpose(img).convert("RGB")
         stem = Path(name).with_suffix("")
         w, h = rgb.size
@@ -403,6 +401,9 @@ def altered_copies(folder: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_end_to_end_altered_copies_find_their_original(tmp_path):
+    """Random weights (no downloads): layer3 rather than layer4, where random deep features
+    confused 80%-size copies with other images (2-4 of 32 copies wrong, max or avg pooling);
+    PCA without whitening, since whitening fitted on 44 rows overfits (2-7 wrong at dim 8-16)."""
     from make_examples import make_examples
 
     folder = tmp_path / "photos"
@@ -411,10 +412,12 @@ def test_end_to_end_altered_copies_find_their_original(tmp_path):
     out, small = tmp_path / "f.h5", tmp_path / "small.h5"
     spp_extract.extract([folder], out, config=Config(backbone="resnet18", weights="none", workers=0,
                                                      layer="layer3"))  # fmt: skip
-    reduce(out, small, dim=32, whiten=True, power=0.5)
-    found = neighbors(small, 1)
-    paths = read_features(small).paths
-    family = {p: copies.get(p, p) for p in paths}
-    wrong = [(p, paths[found.index[i, 0]]) for i, p in enumerate(paths)
-             if p in copies and family[paths[found.index[i, 0]]] != family[p]]  # fmt: skip
-    assert not wrong, wrong
+    reduce(out, small, dim=16, power=0.5)
+    for path in (out, small):
+        found = neighbors(path, 1)
+        paths = read_features(path).paths
+        family = {p: copies.get(p, p) for p in paths}
+        top = {p: paths[found.index[i, 0]] for i, p in enumerate(paths)}
+        wrong = [(p, top[p]) for p in paths if p in copies and family[top[p]] != family[p]]
+        assert not wrong, (path.name, wrong)
+    assert len(copies) == 32
