@@ -11,7 +11,8 @@ other datasets are real copies. ``merge`` writes a self-contained copy.
 HDF5's own file locks are off for these files (``locking=False``): forked decode workers
 inherit open descriptors and would keep them locked; ``OutputLock`` guards the output instead.
 
-This is the only module that knows h5py.
+This module and ``retrieval`` (which writes its own derived files with the helpers here) are
+the ones that know h5py.
 """
 
 from __future__ import annotations
