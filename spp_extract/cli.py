@@ -139,6 +139,8 @@ class Progress:
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled or (self.bar is None and total == 0):
             return
+        if self.bar is not None and self.bar.total != total:  # the next phase (reduce: fit, project)
+            self.close()
         if self.bar is None:
             from tqdm import tqdm
 

@@ -105,11 +105,16 @@ def pca(x: Tensor, dim: int, *, method: Literal["auto", "exact", "lowrank"] = "a
     return mean.float(), components.contiguous(), variance.float()
 
 
-def _blockwise_mean(x: Tensor, rows: int = 4096) -> Tensor:
-    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], rows):
-        total += x[start : start + rows].double().sum(0)
-    return total / x.shape[0]
+def _float64_rows(x: Tensor) -> Iterator[Tensor]:
+    """``x`` in float64 blocks of about 64 MiB: sums in float64 without a float64 copy of
+    the whole sample."""
+    step = max(1, (64 << 20) // (8 * max(1, x.shape[1])))
+    for start in range(0, x.shape[0], step):
+        yield x[start : start + step].double()
+
+
+def _blockwise_mean(x: Tensor) -> Tensor:
+    return sum(block.sum(0) for block in _float64_rows(x)) / x.shape[0]
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ class Projection:
         single = x.dim() == 1
         x = x[None] if single else x
         if x.dim() != 2 or x.shape[1] != self.input_dim:
-            raise ValueError(f"expected vectors of shape (n, {self.input_dim}), got {tuple(vectors.shape)}")
+            raise ValueError(f"expected vectors of shape (n, {self.input_dim}), got {tuple(x.shape)}")
         with torch.inference_mode():
             y = self.apply(x).cpu().numpy()
         return y[0] if single else y
@@ -332,8 +337,8 @@ def fit_projection(
     with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
         torch.manual_seed(seed)  # svd_lowrank draws its random test matrix from torch's RNG
         mean, components, variance = pca(x, dim, method=method, inplace=True)
-    total = sum(float(x[s : s + 4096].double().square().sum()) for s in range(0, rows, 4096))
-    total /= max(rows - 1, 1)  # the sample's total variance (x is centred now)
+    # the sample's total variance (x is centred now)
+    total = sum(float(block.square().sum()) for block in _float64_rows(x)) / max(rows - 1, 1)
     del x
     scale = None
     if whiten:
@@ -462,14 +467,28 @@ def reduce(
 _LOW = (1 << 32) - 1
 
 
-def _keys(sim: Tensor, first: int) -> Tensor:
-    """Similarities (Tensor[q, m] float32) of database rows ``first...`` -> int64 keys whose
-    order is (similarity descending, row ascending): the float's order-preserving bits above,
-    ``2^32 - 1 - row`` below. One ``topk`` on the keys gives exact, deterministic ties."""
+def _keys(sim: Tensor, rows: Tensor) -> Tensor:
+    """Similarities (Tensor[q, m] float32) of database ``rows`` (int64, broadcastable) ->
+    int64 keys whose order is (similarity descending, row ascending): the float's
+    order-preserving bits above, ``2^32 - 1 - row`` below. ``topk`` on the keys gives exact,
+    deterministic ties."""
     bits = (sim + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, one value for zero
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
-    rows = torch.arange(first, first + sim.shape[1], device=sim.device, dtype=torch.int64)
     return (ordered << 32) | (_LOW - rows)
+
+
+def _block_topk(sim: Tensor, first: int, k: int) -> Tensor:
+    """Keys of the top-``k`` of one block (Tensor[q, m]; columns are rows ``first...``). A
+    float ``topk`` first (cheap); rows where values equal to the k-th cross the cut (ties
+    ``topk`` may break either way) are redone exactly on keys."""
+    k = min(k, sim.shape[1])
+    values, columns = sim.topk(k, dim=1)  # (q, k)
+    keys = _keys(values, columns + first)
+    crowded = ((sim >= values[:, -1:]).sum(1) > k).nonzero().flatten()
+    if len(crowded):
+        every = torch.arange(first, first + sim.shape[1], device=sim.device, dtype=torch.int64)
+        keys[crowded] = _keys(sim[crowded], every).topk(k, dim=1).values
+    return keys
 
 
 def _unkey(keys: Tensor) -> tuple[Tensor, Tensor]:
@@ -494,7 +513,7 @@ def topk_cosine(
         column = own + first_query - first  # where each query's own row is in this block
         mine = (column >= 0) & (column < block.shape[0])
         sim[own[mine], column[mine]] = -math.inf
-        best = torch.cat([best, _keys(sim, first)], 1).topk(k, dim=1).values  # (q, k), sorted
+        best = torch.cat([best, _block_topk(sim, first, k)], 1).topk(k, dim=1).values  # (q, k)
     return _unkey(best)
 
 

@@ -421,3 +421,24 @@ def test_end_to_end_altered_copies_find_their_original(tmp_path):
         wrong = [(p, top[p]) for p in paths if p in copies and family[top[p]] != family[p]]
         assert not wrong, (path.name, wrong)
     assert len(copies) == 32
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_for_both_phases_of_reduce_and_for_neighbors(tmp_path, real_h5):
+    from spp_extract.cli import Progress
+
+    stream = _Terminal()
+    progress = Progress(stream)
+    reduce(real_h5, tmp_path / "small.h5", dim=3, sample=8, progress=progress)
+    progress.close()
+    assert "8/8" in stream.getvalue() and "12/12" in stream.getvalue()  # fit on 8, project 12
+    calls: list[tuple[int, int]] = []
+    neighbors(real_h5, 2, block_rows=5, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(5, 12), (10, 12), (12, 12)]
