@@ -13,14 +13,17 @@ from .errors import ConfigError, ImageError, OutputError, SppError  # noqa: E402
 if TYPE_CHECKING:
     from .pipeline import Result, extract
     from .pooling import SpatialPyramidPooling, spatial_pyramid_pool, spp_dim
-    from .writer import Features, merge, read_features
+    from .retrieval import Neighbors, Projection, check_projection, neighbors, project_file, reduce
+    from .writer import Features, iter_features, merge, read_features
 
 # Names from modules that import torch, loaded on first use, so that `spp-extract --help`
 # and `--version` (and `import spp_extract.cli`) do not spend seconds importing torch.
 _LAZY = {
     "extract": "pipeline", "Result": "pipeline",
     "SpatialPyramidPooling": "pooling", "spatial_pyramid_pool": "pooling", "spp_dim": "pooling",
-    "Features": "writer", "merge": "writer", "read_features": "writer",
+    "Features": "writer", "merge": "writer", "read_features": "writer", "iter_features": "writer",
+    "Projection": "retrieval", "reduce": "retrieval", "project_file": "retrieval",
+    "check_projection": "retrieval", "neighbors": "retrieval", "Neighbors": "retrieval",
 }  # fmt: skip
 
 
@@ -38,7 +41,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Config", "ConfigError", "Features", "ImageError", "OutputError", "Result",
-    "SpatialPyramidPooling", "SppError", "__version__", "extract", "load_config", "merge",
-    "read_features", "spatial_pyramid_pool", "spp_dim",
+    "Config", "ConfigError", "Features", "ImageError", "Neighbors", "OutputError", "Projection",
+    "Result", "SpatialPyramidPooling", "SppError", "__version__", "check_projection", "extract",
+    "iter_features", "load_config", "merge", "neighbors", "project_file", "read_features",
+    "reduce", "spatial_pyramid_pool", "spp_dim",
 ]  # fmt: skip

@@ -140,6 +140,8 @@ class Progress:
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled or (self.bar is None and total == 0):
             return
+        if self.bar is not None and self.bar.total != total:  # the next phase (reduce: fit, project)
+            self.close()
         if self.bar is None:
             from tqdm import tqdm
 
@@ -215,6 +217,7 @@ def extract(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the failed images again.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any image failed (one line says so, even with --quiet).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No status, progress bar or summary.")] = False,
+    project: Annotated[Path | None, typer.Option("--project", help="A file written by `reduce`: OUTPUT holds the vectors projected by its transform (the full vectors go to OUTPUT.full.h5).", show_default=False)] = None,
 ) -> None:
     """Extract one SPP vector per image into an HDF5 file."""
     assert cfg is not None  # given by _config_flags
@@ -229,8 +232,20 @@ def extract(
         progress.status(f"loading {cfg.backbone} ...")  # before torch's import: seconds
         from .pipeline import extract as run
 
-        result = run(inputs or [], output, config=cfg, files_from=files_from, resume=resume,
+        projection, target = None, output
+        if project is not None:  # checked before anything is written
+            from .retrieval import full_output, load_for_extract
+
+            projection = load_for_extract(project, cfg, output, resume=resume, overwrite=overwrite)
+            target = full_output(output)
+        result = run(inputs or [], target, config=cfg, files_from=files_from, resume=resume,
                      overwrite=overwrite, retry_failed=retry_failed, progress=progress)  # fmt: skip
+        if projection is not None:
+            from .retrieval import project_file
+
+            progress.close()
+            project_file(target, output, projection, overwrite=True, progress=progress)
+            result.output, result.feature_dim = output, projection.dim
     except KeyboardInterrupt:  # before anything was written (loading the model, say)
         progress.close()
         typer.echo("spp-extract: interrupted before any work was done", err=True)
@@ -327,6 +342,67 @@ def merge(
     except SppError as exc:
         raise _fail(exc) from None
     typer.echo(f"{rows} rows -> {printable(str(dest))}", err=True)
+
+
+@app.command()
+def reduce(
+    source: Annotated[Path, typer.Argument(help="An spp-extract HDF5 file.")],
+    dest: Annotated[Path, typer.Argument(help="HDF5 file to write (reduced vectors and the transform).")],
+    dim: Annotated[int, typer.Option("--dim", help="Output dimension.")],
+    whiten: Annotated[bool, typer.Option("--whiten", help="PCA-whitening (unit variance per axis).")] = False,
+    power: Annotated[float | None, typer.Option("--power", help="Signed power normalisation first, e.g. 0.5 (default: off).", show_default=False)] = None,
+    l2: Annotated[bool | None, typer.Option("--l2/--no-l2", help="L2-normalise rows before centring and after projecting (default: on with --whiten).", show_default=False)] = None,
+    sample: Annotated[int | None, typer.Option("--sample", metavar="N", help="Rows to fit on (default: 100000, at most ~2 GiB of float32, at most all).", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the row sample.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DEST if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+) -> None:
+    """PCA (--whiten: PCA-whitening) fitted on a sample, applied to every row: power, L2,
+    centre, project, whiten, L2."""
+    progress = Progress(sys.stderr, enabled=not quiet)
+    try:
+        from .retrieval import reduce as do_reduce
+
+        fitted = do_reduce(source, dest, dim=dim, whiten=whiten, power=power, l2=l2, sample=sample,
+                           seed=seed, overwrite=overwrite, device=device, progress=progress)  # fmt: skip
+    except SppError as exc:
+        progress.close()
+        raise _fail(exc) from None
+    progress.close()
+    if not quiet:
+        kept = float(fitted.explained_variance.sum()) / max(fitted.settings["total_variance"], 1e-30)
+        typer.echo(f"{fitted.settings['source_rows']} rows, {fitted.input_dim} -> {fitted.dim} dims "
+                   f"(fitted on {fitted.settings['sample_rows']} rows, {kept:.1%} of their variance)"
+                   f" -> {printable(str(dest))}", err=True)  # fmt: skip
+
+
+@app.command()
+def neighbors(
+    source: Annotated[Path, typer.Argument(help="An spp-extract HDF5 file (full or reduced).")],
+    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per row (itself excluded).")] = 10,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="HDF5 file: neighbors/index, neighbors/similarity, paths.", show_default=False)] = None,
+    pairs: Annotated[Path | None, typer.Option("--pairs", help="CSV of near-duplicate pairs: path_a,path_b,similarity.", show_default=False)] = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="Least cosine similarity of a pair in --pairs.")] = 0.95,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the outputs if they exist.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+) -> None:
+    """Exact cosine top-k neighbours of every row; near-duplicate pairs with --pairs."""
+    progress = Progress(sys.stderr, enabled=not quiet)
+    try:
+        from .retrieval import find_neighbors, pairs_above
+
+        found = find_neighbors(source, output, k, pairs=pairs, threshold=threshold,
+                               overwrite=overwrite, device=device, progress=progress)  # fmt: skip
+    except SppError as exc:
+        progress.close()
+        raise _fail(exc) from None
+    progress.close()
+    if not quiet:
+        written = [printable(str(p)) for p in (output, pairs) if p is not None]
+        count = f", {len(pairs_above(found, threshold)[0])} pairs >= {threshold}" if pairs else ""
+        typer.echo(f"{len(found.index)} rows, k = {k}{count} -> {', '.join(written)}", err=True)
 
 
 def main() -> None:

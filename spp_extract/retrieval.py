@@ -1,0 +1,645 @@
+"""Retrieval post-processing of spp-extract files: PCA(-whitening) reduction fitted on a
+sample, the same transform for new vectors, exact cosine nearest neighbours.
+
+The transform, in this order (retrieval practice for MAC/SPoC/R-MAC/GeM descriptors):
+signed power -> L2 -> centre -> project -> whiten -> L2. Everything is read in row blocks
+(``writer.read_rows`` / ``writer.iter_features``), so memory depends on the block size, the
+sample and the output dimension, never on the number of rows; nothing needs a D x D matrix
+(D reaches 102,400): the principal axes come from the SVD of the centred sample itself, exact
+(``torch.linalg.svd``) when the sample's smaller side is small, randomised
+(``torch.svd_lowrank``, Halko et al. 2011) otherwise.
+
+This module and ``writer`` are the ones that know h5py: it writes its own files (a reduced
+copy, a neighbours file) with the writer's atomic helpers.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import Config
+from .errors import ConfigError, printable
+from .writer import (
+    _atomic_h5,
+    _block_rows,
+    _disk_error,
+    _finish_atomic,
+    check_sources,
+    identify,
+    read_rows,
+    shards_root,
+)
+
+Progress = Callable[[int, int], None]
+ORDER = "power -> l2 -> centre -> project -> whiten -> l2"
+# What decides the vectors a projection accepts (dtype and precision only add rounding).
+FINGERPRINT_KEYS = ("backbone", "layer", "weights", "levels", "pooling", "mean", "std", "feature_dim")
+SAMPLE_DEFAULT = 100_000
+SAMPLE_BYTES = 2 << 30  # the default sample is capped to about this much float32
+EXACT_SIDE = 1024  # exact SVD when the sample's smaller side is at most this (or near 2 x dim)
+
+
+# ----------------------------------------------------------------------------- maths
+
+
+def signed_power(x: Tensor, power: float) -> Tensor:
+    """``sign(x) * |x| ** power`` (power normalisation; ``power = 1`` is the identity)."""
+    return x if power == 1 else x.sign() * x.abs().pow(power)
+
+
+def l2_normalize(x: Tensor) -> Tensor:
+    """Rows of ``x`` (Tensor[N, D]) scaled to unit L2 norm; a zero row stays zero."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # (N, 1)
+    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def prepare(x: Tensor, power: float, l2: bool) -> Tensor:
+    """The steps before centring: signed power, then L2 (Tensor[n, D] -> float32)."""
+    x = signed_power(x.float(), power)
+    return l2_normalize(x) if l2 else x
+
+
+def pca(x: Tensor, dim: int, *, method: Literal["auto", "exact", "lowrank"] = "auto",
+        oversample: int | None = None, niter: int = 6,
+        inplace: bool = False) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Principal axes of the rows of ``x`` (Tensor[n, D], float32), without a D x D matrix.
+
+    Returns ``(mean Tensor[D], components Tensor[dim, D] with orthonormal rows, explained
+    variance Tensor[dim])``, variance with the ``n - 1`` denominator, largest first. Each
+    component's largest-magnitude entry is positive, so the signs do not depend on the device.
+    ``exact``: ``torch.linalg.svd`` of the centred sample (cost n·D·min(n, D));
+    ``lowrank``: ``torch.svd_lowrank`` with ``dim + oversample`` columns and ``niter`` power
+    iterations (cost about n·D·(dim + oversample)·(2·niter + 2)); ``auto``: exact when
+    ``min(n, D) <= 1024`` or when dim + oversample is at least half of it. ``inplace``: centre
+    ``x`` itself instead of a copy (the sample can be most of the memory).
+    """
+    n, d = x.shape
+    mean = _blockwise_mean(x)
+    x = x.sub_(mean.to(x.dtype)) if inplace else x - mean.to(x.dtype)  # (n, D), centred
+    side = min(n, d)
+    q = min(side, dim + (oversample if oversample is not None else max(10, dim // 2)))
+    if method == "auto":
+        method = "exact" if side <= EXACT_SIDE or 2 * q >= side else "lowrank"
+    if method == "exact":
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)  # s (side,), vh (side, D)
+        components, s = vh[:dim], s[:dim]
+    else:
+        _, s, v = torch.svd_lowrank(x, q=q, niter=niter)  # v (D, q)
+        components, s = v[:, :dim].T, s[:dim]
+    signs = components.gather(1, components.abs().argmax(1, keepdim=True)).sign()  # (dim, 1)
+    components = components * torch.where(signs == 0, torch.ones_like(signs), signs)
+    variance = s.double().square() / max(n - 1, 1)
+    return mean.float(), components.contiguous(), variance.float()
+
+
+def _float64_rows(x: Tensor) -> Iterator[Tensor]:
+    """``x`` in float64 blocks of about 64 MiB: sums in float64 without a float64 copy of
+    the whole sample."""
+    step = max(1, (64 << 20) // (8 * max(1, x.shape[1])))
+    for start in range(0, x.shape[0], step):
+        yield x[start : start + step].double()
+
+
+def _blockwise_mean(x: Tensor) -> Tensor:
+    return sum(block.sum(0) for block in _float64_rows(x)) / x.shape[0]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A fitted reduction: ``power -> L2 -> centre -> project -> whiten -> L2``.
+
+    ``Projection.load("small.h5")(vectors)`` applies it to new vectors (ndarray or Tensor
+    ``[n, D]`` or ``[D]``) and returns float32 ``ndarray[n, dim]`` (or ``[dim]``).
+    """
+
+    mean: np.ndarray  # (D,) float32
+    components: np.ndarray  # (dim, D) float32, orthonormal rows
+    explained_variance: np.ndarray  # (dim,) float32, on the (pre-processed) sample
+    scale: np.ndarray | None  # (dim,) 1/sqrt(variance) when whitened
+    power: float = 1.0  # 1: off
+    l2: bool = False  # L2-normalise before centring and after the projection
+    source: dict[str, Any] = field(default_factory=dict)  # root attributes of the fitted file
+    settings: dict[str, Any] = field(default_factory=dict)  # how it was fitted (reduce/ attrs)
+
+    @property
+    def dim(self) -> int:
+        return int(self.components.shape[0])
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.components.shape[1])
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Tensor[n, D] -> Tensor[n, dim] float32, on ``x``'s device."""
+        device = x.device
+        mean = torch.from_numpy(self.mean).to(device)
+        components = torch.from_numpy(self.components).to(device)
+        y = (prepare(x, self.power, self.l2) - mean) @ components.T  # (n, dim)
+        if self.scale is not None:
+            y = y * torch.from_numpy(self.scale).to(device)
+        return l2_normalize(y) if self.l2 else y
+
+    def __call__(self, vectors: np.ndarray | Tensor) -> np.ndarray:
+        x = torch.as_tensor(vectors)
+        single = x.dim() == 1
+        x = x[None] if single else x
+        if x.dim() != 2 or x.shape[1] != self.input_dim:
+            raise ValueError(f"expected vectors of shape (n, {self.input_dim}), got {tuple(x.shape)}")
+        with torch.inference_mode():
+            y = self.apply(x).cpu().numpy()
+        return y[0] if single else y
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Projection:
+        """The projection stored in a file written by ``reduce`` (its ``reduce/`` group)."""
+        path = Path(path)
+        attrs = identify(path)
+        with h5py.File(path, "r", locking=False) as f:
+            if "reduce" not in f:
+                raise ConfigError(f"'{path}' holds no projection (no reduce/ group); make one "
+                                  "with `spp-extract reduce`")  # fmt: skip
+            group = f["reduce"]
+            settings = {k: _plain(v) for k, v in group.attrs.items()} | {"file": str(path)}
+            return cls(
+                mean=group["mean"][:].astype(np.float32),
+                components=group["components"][:].astype(np.float32),
+                explained_variance=group["explained_variance"][:].astype(np.float32),
+                scale=group["scale"][:].astype(np.float32) if "scale" in group else None,
+                power=float(settings["power"]),
+                l2=bool(settings["l2"]),
+                source=attrs,
+                settings=settings,
+            )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+# ----------------------------------------------------------------------------- compatibility
+
+
+def fingerprint(attrs_or_config: dict[str, Any] | Config) -> dict[str, Any]:
+    """The values that decide the vectors (``FINGERPRINT_KEYS``, plus ``seed`` for random
+    weights), from a file's root attributes or from a Config (resolved, nothing loaded)."""
+    if isinstance(attrs_or_config, Config):
+        from .backbones import describe, resolve
+        from .pooling import spp_dim
+
+        config = attrs_or_config
+        resolved = resolve(config)
+        _, channels, _ = describe(resolved.backbone, resolved.layer)
+        values = {
+            "backbone": resolved.backbone, "layer": resolved.layer, "weights": resolved.weights,
+            "levels": list(config.levels), "pooling": config.pooling, "mean": list(resolved.mean),
+            "std": list(resolved.std), "feature_dim": spp_dim(channels, config.levels),
+        }  # fmt: skip
+        if resolved.weights == "none":
+            values["seed"] = config.seed
+        return values
+    attrs = attrs_or_config
+    values = {key: _plain(attrs.get(key)) for key in FINGERPRINT_KEYS}
+    values["levels"] = [int(v) for v in values["levels"] or []]
+    values["mean"] = [float(v) for v in values["mean"] or []]
+    values["std"] = [float(v) for v in values["std"] or []]
+    if values["weights"] == "none":
+        try:
+            values["seed"] = tomllib.loads(str(attrs.get("config", ""))).get("seed")
+        except tomllib.TOMLDecodeError:
+            values["seed"] = None
+    return values
+
+
+def check_projection(projection: Projection, attrs_or_config: dict[str, Any] | Config) -> None:
+    """Refuse (ConfigError, each differing key with both values) vectors made with another
+    configuration than the one ``projection`` was fitted on."""
+    fitted = fingerprint(projection.source)
+    here = fingerprint(attrs_or_config)
+    keys = [k for k in (*FINGERPRINT_KEYS, "seed") if k in fitted or k in here]
+    diff = [f"{k}: {fitted.get(k)!r} (projection) vs {here.get(k)!r}" for k in keys
+            if fitted.get(k) != here.get(k)]  # fmt: skip
+    if diff:
+        name = projection.settings.get("file", "the projection")
+        raise ConfigError(f"{name} was fitted on vectors of another configuration ("
+                          + "; ".join(diff) + "); extract with the same settings, or reduce anew")
+
+
+def _config_sha256(attrs: dict[str, Any]) -> str:
+    return hashlib.sha256(str(attrs.get("config", "")).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _open_source(path: Path) -> dict[str, Any]:
+    """Root attributes of an spp-extract file whose shards are all there (ConfigError or
+    OutputError, one line, otherwise)."""
+    check_sources(path)
+    return identify(path)
+
+
+def _check_dest(source: Path, dest: Path, overwrite: bool) -> None:
+    if dest.is_dir():
+        raise ConfigError(f"'{dest}' is a folder; give a file name to write")
+    if not dest.parent.is_dir():
+        raise ConfigError(f"folder '{dest.parent}' does not exist; create it first")
+    if dest.resolve() == source.resolve() or dest.resolve().is_relative_to(shards_root(source).resolve()):
+        raise ConfigError(f"'{dest}' is {source.name} itself or inside its shards folder; "
+                          "write somewhere else")  # fmt: skip
+    if dest.exists() and not overwrite:
+        raise ConfigError(f"'{dest}' exists; pass {_opt('overwrite')} to replace it")
+
+
+def _opt(name: str) -> str:
+    from .errors import option
+
+    return option(name)
+
+
+def _sample_index(n: int, sample: int, seed: int) -> np.ndarray:
+    """``sample`` distinct row numbers out of ``n``, sorted (h5py reads increasing indices)."""
+    if sample >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False)).astype(np.int64)
+
+
+def fit_projection(
+    path: str | os.PathLike[str], *, dim: int, whiten: bool = False, power: float | None = None,
+    l2: bool | None = None, sample: int | None = None, seed: int = 0,
+    method: Literal["auto", "exact", "lowrank"] = "auto", device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> Projection:  # fmt: skip
+    """Fit PCA (``whiten``: PCA-whitening) to ``dim`` dimensions on a seeded random sample of
+    the rows of an spp-extract file.
+
+    ``power``: signed power normalisation first (None: off); ``l2``: L2-normalise rows before
+    centring and after the projection (None: on when whitening). ``sample``: rows to fit on
+    (None: 100,000, at most about 2 GiB of float32, at most N). The sample is held in memory
+    as float32 (sample x D x 4 bytes); it is read in sorted row blocks.
+    """
+    path = Path(path)
+    attrs = _open_source(path)
+    l2 = whiten if l2 is None else l2
+    power = 1.0 if power is None else float(power)
+    if not (math.isfinite(power) and power > 0):
+        raise ConfigError(f"power {power} is invalid; expected a number > 0 (0.5 is usual)")
+    if seed < 0:
+        raise ConfigError(f"seed {seed} is invalid; expected an integer >= 0")
+    with h5py.File(path, "r", locking=False) as f:
+        if "reduce" in f:
+            raise ConfigError(f"'{path}' is already reduced (it has a reduce/ group); reduce the "
+                              "original file instead")  # fmt: skip
+        ds = f["features"]
+        n, d = ds.shape
+        if sample is None:
+            rows = min(n, SAMPLE_DEFAULT, max(2, SAMPLE_BYTES // (4 * max(d, 1))))
+        elif sample < 2:
+            raise ConfigError(f"sample {sample} is invalid; expected at least 2 rows")
+        else:
+            rows = min(n, sample)
+        if not 1 <= dim <= d:
+            raise ConfigError(f"dim {dim} is invalid for {path.name}: its vectors have {d} values; "
+                              f"choose 1 to {d}")  # fmt: skip
+        if dim > rows - 1:
+            raise ConfigError(f"dim {dim} needs at least {dim + 1} sampled rows, and the sample has "
+                              f"{rows} (file rows: {n}); lower {_opt('dim')} or raise "
+                              f"{_opt('sample')}")  # fmt: skip
+        target = _device(device)
+        index = _sample_index(n, rows, seed)
+        x = torch.empty(rows, d, dtype=torch.float32, device=target)  # (sample, D)
+        for positions, block in read_rows(ds, index, _block_rows(d, ds.dtype.itemsize)):
+            x[positions[0] : positions[-1] + 1] = prepare(torch.from_numpy(block).to(target), power, l2)
+            if progress is not None:
+                progress(int(positions[-1]) + 1, rows)
+    with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
+        torch.manual_seed(seed)  # svd_lowrank draws its random test matrix from torch's RNG
+        mean, components, variance = pca(x, dim, method=method, inplace=True)
+    # the sample's total variance (x is centred now)
+    total = sum(float(block.square().sum()) for block in _float64_rows(x)) / max(rows - 1, 1)
+    del x
+    scale = None
+    if whiten:
+        floor = max(float(variance[0]) * 1e-12, 1e-30)  # a zero-variance axis is not blown up
+        scale = variance.double().clamp_min(floor).rsqrt().float().cpu().numpy()
+    settings = {
+        "dim": dim, "whiten": whiten, "power": power, "l2": l2, "order": ORDER,
+        "sample_rows": rows, "seed": seed, "method": method, "source_file": path.name,
+        "source_rows": n, "source_dim": d, "source_config_sha256": _config_sha256(attrs),
+        "total_variance": total,
+    }  # fmt: skip
+    return Projection(mean.cpu().numpy(), components.cpu().numpy(), variance.cpu().numpy(), scale,
+                      power, l2, attrs, settings)  # fmt: skip
+
+
+def project_file(
+    source: str | os.PathLike[str], dest: str | os.PathLike[str], projection: Projection, *,
+    overwrite: bool = False, device: str | torch.device | None = None,
+    block_rows: int | None = None, progress: Progress | None = None,
+) -> int:  # fmt: skip
+    """Write ``dest``: a self-contained copy (``layout = "merged"``) of the spp-extract file
+    ``source`` with ``features (N, dim)`` float32 projected by ``projection``, every other
+    dataset and group (paths, sizes, failures) and the root attributes kept, and a
+    ``reduce/`` group holding the projection. Written under a temporary name, then renamed.
+    Returns the number of rows."""
+    source, dest = Path(source), Path(dest)
+    attrs = _open_source(source)
+    _check_dest(source, dest, overwrite)
+    check_projection(projection, attrs)
+    target = _device(device)
+    tmp = _atomic_h5(dest)
+    try:
+        with h5py.File(source, "r", locking=False) as src, h5py.File(tmp, "w", locking=False) as out:
+            features = src["features"]
+            n, d = features.shape
+            if d != projection.input_dim:
+                raise ConfigError(f"{source.name} has {d}-value vectors, the projection takes "
+                                  f"{projection.input_dim}")  # fmt: skip
+            step = block_rows or _block_rows(d, features.dtype.itemsize)
+            chunk = max(1, min(max(n, 1), (1 << 20) // (4 * projection.dim)))
+            target_ds = out.create_dataset("features", shape=(n, projection.dim), dtype=np.float32,
+                                           chunks=(chunk, projection.dim))  # fmt: skip
+            with torch.inference_mode():
+                for start in range(0, n, step):
+                    block = torch.from_numpy(features[start : start + step]).to(target)
+                    target_ds[start : start + len(block)] = projection.apply(block).cpu().numpy()
+                    if progress is not None:
+                        progress(start + len(block), n)
+            for name, obj in src.items():
+                if name not in ("features", "reduce"):
+                    src.copy(obj, out, name=name)
+            out.attrs.update(src.attrs)
+            out.attrs["layout"] = "merged"
+            if "shards" in out.attrs:
+                del out.attrs["shards"]
+            _write_projection(out.create_group("reduce"), projection)
+        _finish_atomic(tmp, dest)
+    except ConfigError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise _disk_error(exc, dest, "nothing was written; free space or choose another "
+                                     "destination, then run again") from None  # fmt: skip
+    return n
+
+
+def full_output(output: Path) -> Path:
+    """Where ``extract --project`` keeps the full vectors: ``<output>.full.h5`` (a view over
+    ``<output>.full.h5.shards/``), so that ``--resume`` works on it as on any run."""
+    return output.with_name(output.name + ".full.h5")
+
+
+def load_for_extract(project: Path, config: Config, output: Path, *, resume: bool,
+                     overwrite: bool) -> Projection:  # fmt: skip
+    """``extract --project``: the projection, checked against the run's configuration and
+    output before anything is extracted (ConfigError otherwise)."""
+    projection = Projection.load(project)
+    check_projection(projection, config)
+    if output.exists() and output.resolve() == project.resolve():
+        raise ConfigError(f"'{output}' is the projection file itself; choose another output")
+    if output.exists() and not output.is_dir():
+        try:
+            identify(output)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; refusing to replace it: move it away or choose another "
+                              "output") from None  # fmt: skip
+        if not (resume or overwrite):
+            raise ConfigError(f"output '{output}' already exists; pass {_opt('resume')} to continue "
+                              f"it or {_opt('overwrite')} to replace it")  # fmt: skip
+    return projection
+
+
+def _write_projection(group: h5py.Group, projection: Projection) -> None:
+    group.create_dataset("mean", data=projection.mean)
+    group.create_dataset("components", data=projection.components)
+    group.create_dataset("explained_variance", data=projection.explained_variance)
+    if projection.scale is not None:
+        group.create_dataset("scale", data=projection.scale)
+    for key, value in projection.settings.items():
+        if key != "file":
+            group.attrs[key] = value
+
+
+def reduce(
+    source: str | os.PathLike[str], dest: str | os.PathLike[str], *, dim: int,
+    whiten: bool = False, power: float | None = None, l2: bool | None = None,
+    sample: int | None = None, seed: int = 0, overwrite: bool = False,
+    method: Literal["auto", "exact", "lowrank"] = "auto", device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> Projection:  # fmt: skip
+    """Fit a projection on a sample of ``source`` (``fit_projection``) and write every row,
+    projected, to ``dest`` (``project_file``). Everything is checked before anything is
+    written; returns the projection."""
+    source, dest = Path(source), Path(dest)
+    _open_source(source)
+    _check_dest(source, dest, overwrite)
+    fitted = fit_projection(source, dim=dim, whiten=whiten, power=power, l2=l2, sample=sample,
+                            seed=seed, method=method, device=device, progress=progress)  # fmt: skip
+    project_file(source, dest, fitted, overwrite=overwrite, device=device, progress=progress)
+    return fitted
+
+
+# ----------------------------------------------------------------------------- neighbours
+
+_LOW = (1 << 32) - 1
+
+
+def _keys(sim: Tensor, rows: Tensor) -> Tensor:
+    """Similarities (Tensor[q, m] float32) of database ``rows`` (int64, broadcastable) ->
+    int64 keys whose order is (similarity descending, row ascending): the float's
+    order-preserving bits above, ``2^32 - 1 - row`` below. ``topk`` on the keys gives exact,
+    deterministic ties."""
+    bits = (sim + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, one value for zero
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    return (ordered << 32) | (_LOW - rows)
+
+
+def _block_topk(sim: Tensor, first: int, k: int) -> Tensor:
+    """Keys of the top-``k`` of one block (Tensor[q, m]; columns are rows ``first...``). A
+    float ``topk`` first (cheap); rows where values equal to the k-th cross the cut (ties
+    ``topk`` may break either way) are redone exactly on keys."""
+    k = min(k, sim.shape[1])
+    values, columns = sim.topk(k, dim=1)  # (q, k)
+    keys = _keys(values, columns + first)
+    crowded = ((sim >= values[:, -1:]).sum(1) > k).nonzero().flatten()
+    if len(crowded):
+        every = torch.arange(first, first + sim.shape[1], device=sim.device, dtype=torch.int64)
+        keys[crowded] = _keys(sim[crowded], every).topk(k, dim=1).values
+    return keys
+
+
+def _unkey(keys: Tensor) -> tuple[Tensor, Tensor]:
+    ordered = (keys >> 32).to(torch.int32)
+    bits = torch.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
+    return _LOW - (keys & _LOW), bits.view(torch.float32)
+
+
+def topk_cosine(
+    queries: Tensor, first_query: int, database: Iterator[tuple[int, Tensor]], k: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Top-``k`` database rows by dot product for each query row (all rows L2-normalised, so
+    the dot is the cosine). ``queries``: Tensor[q, D], rows ``first_query...`` of the same
+    database (a row never matches itself); ``database``: (first row, Tensor[m, D]) blocks.
+    Returns (index Tensor[q, k] int64, similarity Tensor[q, k] float32), similarity
+    descending, equal similarities by lower row first."""
+    q = queries.shape[0]
+    best = torch.full((q, k), torch.iinfo(torch.int64).min, dtype=torch.int64, device=queries.device)
+    own = torch.arange(q, device=queries.device)
+    for first, block in database:
+        sim = queries @ block.T  # (q, m)
+        column = own + first_query - first  # where each query's own row is in this block
+        mine = (column >= 0) & (column < block.shape[0])
+        sim[own[mine], column[mine]] = -math.inf
+        best = torch.cat([best, _block_topk(sim, first, k)], 1).topk(k, dim=1).values  # (q, k)
+    return _unkey(best)
+
+
+@dataclass
+class Neighbors:
+    index: np.ndarray  # (N, k) int64 row numbers
+    similarity: np.ndarray  # (N, k) float32, descending
+
+
+def neighbors(
+    path: str | os.PathLike[str], k: int, *, device: str | torch.device | None = None,
+    block_rows: int | None = None, memory_bytes: int = 2 << 30, progress: Progress | None = None,
+) -> Neighbors:  # fmt: skip
+    """Exact cosine top-``k`` of every row of an spp-extract file among the other rows.
+
+    Rows are L2-normalised; a zero row has similarity 0 with everything. Query blocks against
+    database blocks with a running top-k: memory is a few blocks (``block_rows``, default
+    about 256 MiB of float32 and at most 4,096 rows), plus the normalised database itself when
+    it fits ``memory_bytes`` (otherwise it is read again for each query block)."""
+    path = Path(path)
+    _open_source(path)
+    target = _device(device)
+    with h5py.File(path, "r", locking=False) as f:
+        ds = f["features"]
+        n, d = ds.shape
+        if not 1 <= k <= n - 1:
+            raise ConfigError(f"k {k} is invalid for {path.name}: it has {n} rows, so each has at "
+                              f"most {max(n - 1, 0)} neighbours; choose k from 1 to {max(n - 1, 0)}"
+                              if n > 1 else f"{path.name} has {n} rows: nothing to compare")  # fmt: skip
+        step = block_rows or min(4096, _block_rows(d, 4))
+
+        def read(start: int) -> Tensor:
+            return l2_normalize(torch.from_numpy(ds[start : start + step]).to(target).float())
+
+        cache = [(s, read(s)) for s in range(0, n, step)] if n * d * 4 <= memory_bytes else None
+
+        def database() -> Iterator[tuple[int, Tensor]]:
+            return iter(cache) if cache is not None else ((s, read(s)) for s in range(0, n, step))
+
+        index = np.empty((n, k), np.int64)
+        similarity = np.empty((n, k), np.float32)
+        with torch.inference_mode():
+            for first, queries in database():
+                rows, sims = topk_cosine(queries, first, database(), k)
+                index[first : first + len(queries)] = rows.cpu().numpy()
+                similarity[first : first + len(queries)] = sims.cpu().numpy()
+                if progress is not None:
+                    progress(first + len(queries), n)
+    return Neighbors(index, similarity)
+
+
+def pairs_above(found: Neighbors, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unordered pairs (i < j) where one row has the other among its k neighbours with
+    similarity >= ``threshold``, each once, sorted by (i, j); the similarity is the one seen
+    from row i when i lists j (else from j). Returns (i, j, similarity)."""
+    n, k = found.index.shape
+    a = np.repeat(np.arange(n, dtype=np.int64), k)
+    b = found.index.ravel()
+    s = found.similarity.ravel()
+    keep = s >= threshold
+    a, b, s = a[keep], b[keep], s[keep]
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    order = np.lexsort((a != lo, hi, lo))  # by (lo, hi), the lower row's own view first
+    lo, hi, s = lo[order], hi[order], s[order]
+    first = np.ones(len(lo), bool)
+    first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+    return lo[first], hi[first], s[first]
+
+
+def find_neighbors(
+    source: str | os.PathLike[str], dest: str | os.PathLike[str] | None, k: int, *,
+    pairs: str | os.PathLike[str] | None = None, threshold: float = 0.95, overwrite: bool = False,
+    device: str | torch.device | None = None, progress: Progress | None = None,
+) -> Neighbors:  # fmt: skip
+    """``neighbors`` of ``source`` written to ``dest`` (``neighbors/index``,
+    ``neighbors/similarity``, the source's ``paths`` and ``path_bytes``) and, with ``pairs``,
+    the near-duplicate pairs (``pairs_above(threshold)``) as CSV ``path_a,path_b,similarity``."""
+    source = Path(source)
+    _open_source(source)
+    if dest is None and pairs is None:
+        raise ConfigError(f"nothing to write; give {_opt('output')} and/or {_opt('pairs')}")
+    if not (math.isfinite(threshold) and -1 <= threshold <= 1):
+        raise ConfigError(f"threshold {threshold} is invalid; expected a cosine from -1 to 1")
+    for out in (dest, pairs):
+        if out is not None:
+            _check_dest(source, Path(out), overwrite)
+    found = neighbors(source, k, device=device, progress=progress)
+    with h5py.File(source, "r", locking=False) as src:
+        if dest is not None:
+            dest = Path(dest)
+            tmp = _atomic_h5(dest)
+            try:
+                with h5py.File(tmp, "w", locking=False) as out:
+                    group = out.create_group("neighbors")
+                    group.create_dataset("index", data=found.index)
+                    group.create_dataset("similarity", data=found.similarity)
+                    for name in ("paths", "path_bytes"):
+                        src.copy(src[name], out, name=name)
+                    out.attrs.update(k=k, metric="cosine", source_file=source.name,
+                                     ties="equal similarities: lower row first",
+                                     config=str(src.attrs.get("config", "")))  # fmt: skip
+                _finish_atomic(tmp, dest)
+            except (OSError, RuntimeError) as exc:
+                tmp.unlink(missing_ok=True)
+                raise _disk_error(exc, dest, "nothing was written; free space or choose another "
+                                             "destination, then run again") from None  # fmt: skip
+        if pairs is not None:
+            lo, hi, sims = pairs_above(found, threshold)
+            paths = src["paths"].asstr()
+            needed = np.unique(np.concatenate([lo, hi]))
+            names = dict(zip(needed.tolist(), (paths[needed] if len(needed) else []), strict=True))
+            _write_csv(Path(pairs), [(printable(names[i]), printable(names[j]), f"{s:.6f}")
+                                     for i, j, s in zip(lo.tolist(), hi.tolist(), sims.tolist(),
+                                                        strict=True)])  # fmt: skip
+    return found
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path_a", "path_b", "similarity"])
+            writer.writerows(rows)
+        _finish_atomic(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _disk_error(exc, path, "the pairs were not written; free space or choose another "
+                                     "file, then run again") from None  # fmt: skip
