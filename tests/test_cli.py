@@ -166,7 +166,8 @@ def test_python_dash_m_works(tmp_path, example_dir):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_ONLY = {"inputs", "output", "files_from", "resume", "overwrite", "retry_failed", "strict", "quiet", "ctx"}
+RUN_ONLY = {"inputs", "output", "files_from", "resume", "overwrite", "retry_failed", "strict", "quiet", "ctx",
+            "project"}  # fmt: skip
 
 
 def test_help_shows_no_type_beside_flags():
