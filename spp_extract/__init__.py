@@ -11,6 +11,7 @@ from .config import Config, load_config  # noqa: E402
 from .errors import ConfigError, ImageError, OutputError, SppError  # noqa: E402
 
 if TYPE_CHECKING:
+    from .model import SppModel, create_model
     from .pipeline import Result, extract
     from .pooling import SpatialPyramidPooling, spatial_pyramid_pool, spp_dim
     from .retrieval import Neighbors, Projection, check_projection, neighbors, project_file, reduce
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "extract": "pipeline", "Result": "pipeline",
     "SpatialPyramidPooling": "pooling", "spatial_pyramid_pool": "pooling", "spp_dim": "pooling",
+    "create_model": "model", "SppModel": "model",
     "Features": "writer", "merge": "writer", "read_features": "writer", "iter_features": "writer",
     "Projection": "retrieval", "reduce": "retrieval", "project_file": "retrieval",
     "check_projection": "retrieval", "neighbors": "retrieval", "Neighbors": "retrieval",
@@ -42,7 +44,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Config", "ConfigError", "Features", "ImageError", "Neighbors", "OutputError", "Projection",
-    "Result", "SpatialPyramidPooling", "SppError", "__version__", "check_projection", "extract",
+    "Result", "SpatialPyramidPooling", "SppError", "SppModel", "__version__", "create_model", "check_projection", "extract",
     "iter_features", "load_config", "merge", "neighbors", "project_file", "read_features",
     "reduce", "spatial_pyramid_pool", "spp_dim",
 ]  # fmt: skip

@@ -331,6 +331,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise ImageError("unsupported_mode", f"cannot convert mode {mode!r} to RGB: {exc}") from None
 
 
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """A Pillow image -> ``Tensor[3, H, W]`` uint8 RGB, by the rules :func:`decode` applies
+    to files (EXIF orientation, transparency on white, 16-bit and float scaling, CMYK)."""
+    turn = orientation(img)
+    img.load()
+    rgb = to_rgb(img)
+    if turn in _TRANSPOSE:
+        rgb = rgb.transpose(_TRANSPOSE[turn])
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+
+
 @dataclass
 class Decoded:
     """A decoded image: ``pixels: Tensor[3, H, W]`` uint8 RGB, plus what it was."""
@@ -388,12 +399,13 @@ def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Deco
                 if not allow_truncated:
                     raise ImageError("truncated", f"truncated file: {message}") from None
                 fh.seek(0)
+                previous = ImageFile.LOAD_TRUNCATED_IMAGES
                 ImageFile.LOAD_TRUNCATED_IMAGES = True
                 try:
                     with _no_pillow_bomb_check():
                         img, mode, turn = _load(fh, max_pixels)
                 finally:
-                    ImageFile.LOAD_TRUNCATED_IMAGES = False
+                    ImageFile.LOAD_TRUNCATED_IMAGES = previous  # the caller's setting
                 truncated = True
             with img:
                 rgb = to_rgb(img)
