@@ -22,7 +22,6 @@ grid, shifted.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -268,11 +267,23 @@ def plan_tiles(field: ReceptiveField, size: tuple[int, int], out_size: tuple[int
     return TilePlan(tuple(size), tuple(out_size), field, tiles)  # type: ignore[arg-type]
 
 
-def core_for(field: ReceptiveField, tile_pixels: float) -> int:
-    """Core cells per side for square tiles of about ``tile_pixels`` input pixels each."""
-    side = math.sqrt(max(tile_pixels, 1.0))
-    halo = max(field.rows.hi - field.rows.lo, field.cols.hi - field.cols.lo)
-    return max(1, int((side - halo) // max(field.stride)))
+def fitting_core(field: ReceptiveField, size: tuple[int, int], out_size: tuple[int, int],
+                 tile_pixels: float) -> int:  # fmt: skip
+    """The largest core (output cells per side) whose largest tile, halos included and
+    clipped at the borders, has at most ``tile_pixels`` input pixels; 1 if none does."""
+    def largest(core: int) -> int:
+        rows = max(b - a for (a, b), _ in _axis(size[0], out_size[0], field.rows, core))
+        cols = max(b - a for (a, b), _ in _axis(size[1], out_size[1], field.cols, core))
+        return rows * cols
+
+    low, high, best = 1, max(out_size), 1
+    while low <= high:  # the largest tile grows with the core
+        mid = (low + high) // 2
+        if largest(mid) <= tile_pixels:
+            best, low = mid, mid + 1
+        else:
+            high = mid - 1
+    return best
 
 
 Prepare = Callable[[Tensor, Tile], Tensor]

@@ -126,3 +126,175 @@ def test_resnet50_field_is_the_textbook_one():
     field = receptive_field(_trunk("resnet50").module)
     assert field.stride == (32, 32)
     assert field.rows.hi - field.rows.lo + 1 == 427  # the theoretical receptive field
+
+
+# ----------------------------------------------------------------------------- in a run
+
+
+def _images(folder, sizes):  # noqa: ANN001, ANN202
+    from conftest import photo
+    from PIL import Image
+
+    folder.mkdir()
+    for name, (h, w) in sizes.items():
+        Image.fromarray(photo(h, w, seed=len(name))).save(folder / f"{name}.png")
+    return folder
+
+
+def _rows(path):  # noqa: ANN001, ANN202
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {p: (f["features"][i], int(f["tiles"][i]), tuple(f["feature_map_size"][i]))
+                for i, p in enumerate(f["paths"].asstr()[:])}  # fmt: skip
+
+
+def test_image_over_max_memory_is_tiled_and_equals_the_untiled_row(tmp_path):
+    from spp_extract import extract
+    from spp_extract.memory import memory_model
+    from spp_extract.writer import summary
+
+    inputs = _images(tmp_path / "in", {"big": (300, 410), "small": (60, 70)})
+    config = Config(backbone="vgg11", weights="none", workers=0)
+    need = memory_model(_trunk("vgg11").module).peak(300, 410)
+    plain = extract([inputs], tmp_path / "plain.h5", config=config)
+    budget = f"{int(need * 0.6)}B"  # under the big image's need, over the small one's
+    tiled = extract([inputs], tmp_path / "tiled.h5", config=config.replace(max_memory=budget))
+    assert (plain.images, plain.failed, tiled.images, tiled.failed) == (2, 0, 2, 0)
+    want, got = _rows(tmp_path / "plain.h5"), _rows(tmp_path / "tiled.h5")
+    assert want["big.png"][1] == 0 and got["big.png"][1] > 1 and got["small.png"][1] == 0
+    assert got["big.png"][2] == want["big.png"][2]  # the whole image's map size
+    for name in want:
+        torch.testing.assert_close(torch.from_numpy(got[name][0]), torch.from_numpy(want[name][0]),
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+    lines = summary(tmp_path / "tiled.h5")
+    assert "tiled: 1 of 2 images (over max_memory)" in lines
+    assert any(line.startswith("row 0: big.png") and f"tiles {got['big.png'][1]}" in line for line in lines)
+
+
+def test_untileable_backbone_over_max_memory_is_too_large_and_the_rest_done(tmp_path):
+    from spp_extract import extract
+    from spp_extract.writer import read_features
+
+    inputs = _images(tmp_path / "in", {"big": (300, 410), "small": (60, 70)})
+    config = Config(backbone="mobilenet_v3_small", weights="none", workers=0, max_memory="3MB")
+    result = extract([inputs], tmp_path / "out.h5", config=config)
+    assert (result.images, result.failed) == (1, 1)
+    [(path, kind, message)] = result.failures
+    assert path == "big.png" and kind == "too_large"
+    assert "needs about" in message and "max_memory = 3 MB" in message
+    assert "cannot be tiled" in message and "resnet50" in message
+    features = read_features(tmp_path / "out.h5")
+    assert features.paths == ["small.png"] and features.failed_paths == ["big.png"]
+
+
+def _extractor(backbone, budget):  # noqa: ANN001, ANN202
+    from spp_extract.compute import Extractor
+
+    config = Config(backbone=backbone, weights="none")
+    return Extractor(_trunk(backbone), config, torch.device("cpu"), padded=False, budget=budget)
+
+
+def _one(extractor, h, w, seed=0):  # noqa: ANN001, ANN202
+    from spp_extract.writer import RowMeta
+
+    pixels = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    meta = RowMeta(image_size=(h, w), input_size=(h, w))
+    return extractor(pixels, [meta])[0], meta
+
+
+def test_streamed_spp_when_the_map_leaves_no_room():
+    whole, _ = _one(_extractor("vgg11", None), 200, 230)
+    streamed, meta = _one(_extractor("vgg11", 2_000_000), 200, 230)
+    assert meta.tiles == 6 * 7  # one output cell per tile: the map's own size
+    torch.testing.assert_close(streamed, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_single_image_out_of_memory_falls_back_to_tiles(monkeypatch):
+    """(CUDA's case, simulated with the CPU allocator's error.)"""
+    extractor = _extractor("vgg11", None)
+    whole, _ = _one(extractor, 200, 230)
+    forward = type(extractor.module).forward
+
+    def small_only(self, x):  # noqa: ANN001, ANN202
+        if x.device.type != "meta" and x.shape[-2] * x.shape[-1] >= 200 * 230:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory")
+        return forward(self, x)
+
+    monkeypatch.setattr(type(extractor.module), "forward", small_only)
+    tiled, meta = _one(extractor, 200, 230)
+    assert meta.tiles > 1
+    torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-5)
+
+    def never(self, x):  # noqa: ANN001, ANN202
+        if x.device.type != "meta":
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return forward(self, x)
+
+    monkeypatch.setattr(type(extractor.module), "forward", never)
+    failed, _ = _one(extractor, 200, 230)
+    assert failed.kind == "out_of_memory"
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(("flag", "value", "stored"), [
+    ("--max-memory", "2GB", 'max_memory = "2GB"'), ("--max-memory", "512MiB", 'max_memory = "512MiB"'),
+    ("--max-memory", "auto", 'max_memory = "auto"'), ("--max-memory", "1.5GB", 'max_memory = "1.5GB"'),
+    ("--max-pixels", "none", 'max_pixels = "none"'), ("--max-pixels", "1000", "max_pixels = 1000"),
+])  # fmt: skip
+def test_memory_and_pixel_flags_parse(flag, value, stored):
+    from typer.testing import CliRunner
+
+    from spp_extract.cli import app
+
+    result = CliRunner().invoke(app, ["config", "--weights", "none", flag, value])
+    assert result.exit_code == 0, result.output
+    assert stored in result.output.splitlines()
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--max-memory", "lots"), ("--max-memory", "0.5MB"), ("--max-memory", "-1GB"),
+    ("--max-memory", "2 PB"), ("--max-memory", "1e9"), ("--max-memory", ""),
+    ("--max-pixels", "None"), ("--max-pixels", "0"), ("--max-pixels", "auto"), ("--max-pixels", "1.5"),
+])  # fmt: skip
+def test_bad_memory_and_pixel_flags_exit_2_with_one_line(flag, value):
+    from typer.testing import CliRunner
+
+    from spp_extract.cli import app
+
+    result = CliRunner().invoke(app, ["config", "--weights", "none", flag, value])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    key = flag.removeprefix("--").replace("-", "_")  # range checks name the key, as for others
+    assert len(lines) == 1 and lines[0].startswith(("spp-extract: error: " + flag,
+                                                    "spp-extract: error: " + key)), result.output  # fmt: skip
+    assert "invalid" in lines[0]
+
+
+@pytest.mark.parametrize("value", ["3 XB", "lots", 5, "0B", "GB"])
+def test_bad_max_memory_in_config_is_refused(value):
+    from spp_extract.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_memory = .* is invalid; expected a size"):
+        Config(max_memory=value)
+
+
+def test_shards_without_tiles_read_as_zero(tmp_path):
+    """Shards written before the field existed: their rows read as not tiled."""
+    import h5py
+
+    from spp_extract import extract
+    from spp_extract.writer import assemble, identify, shards_root
+
+    inputs = _images(tmp_path / "in", {"a": (40, 50), "b": (50, 40)})
+    out = tmp_path / "out.h5"
+    extract([inputs], out, config=Config(backbone="resnet18", weights="none", workers=0))
+    [run] = shards_root(out).glob("run-*")
+    for shard in run.glob("*.h5"):
+        with h5py.File(shard, "r+") as f:
+            del f["tiles"]
+    attrs = identify(out)
+    assemble(out, run, None, int(attrs["feature_dim"]), "float32", attrs)
+    assert [row[1] for row in _rows(out).values()] == [0, 0]
