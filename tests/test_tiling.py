@@ -174,15 +174,19 @@ def test_image_over_max_memory_is_tiled_and_equals_the_untiled_row(tmp_path):
 
 def test_untileable_backbone_over_max_memory_is_too_large_and_the_rest_done(tmp_path):
     from spp_extract import extract
+    from spp_extract.memory import memory_model, show_size
     from spp_extract.writer import read_features
 
     inputs = _images(tmp_path / "in", {"big": (300, 410), "small": (60, 70)})
-    config = Config(backbone="mobilenet_v3_small", weights="none", workers=0, max_memory="3MB")
+    model = memory_model(_trunk("mobilenet_v3_small").module)
+    budget = (model.peak(300, 410) + model.peak(60, 70)) // 2  # between the two images' needs
+    config = Config(backbone="mobilenet_v3_small", weights="none", workers=0, max_memory=f"{budget}B")
     result = extract([inputs], tmp_path / "out.h5", config=config)
     assert (result.images, result.failed) == (1, 1)
     [(path, kind, message)] = result.failures
     assert path == "big.png" and kind == "too_large"
-    assert "needs about" in message and "max_memory = 3 MB" in message
+    assert f"needs about {show_size(model.peak(300, 410))}" in message
+    assert f"max_memory = {show_size(budget)}" in message
     assert "cannot be tiled" in message and "resnet50" in message
     features = read_features(tmp_path / "out.h5")
     assert features.paths == ["small.png"] and features.failed_paths == ["big.png"]
@@ -298,3 +302,49 @@ def test_shards_without_tiles_read_as_zero(tmp_path):
     attrs = identify(out)
     assemble(out, run, None, int(attrs["feature_dim"]), "float32", attrs)
     assert [row[1] for row in _rows(out).values()] == [0, 0]
+
+
+# ----------------------------------------------------------------------------- memory model
+
+_MEASURE = """
+import sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+from spp_extract.backbones import build_trunk
+from spp_extract.compute import Extractor
+from spp_extract.config import Config
+from spp_extract.writer import RowMeta
+name, h, w = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+config = Config(backbone=name, weights="none")
+extractor = Extractor(build_trunk(config), config, torch.device("cpu"), padded=False)
+estimate = extractor.memory.peak(h, w)
+extractor(torch.zeros(1, 3, 64, 64, dtype=torch.uint8), [RowMeta(image_size=(64, 64), input_size=(64, 64))])
+pixels = torch.randint(0, 255, (1, 3, h, w), dtype=torch.uint8)
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+base = status("VmRSS:") - pixels.numel()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current RSS
+extractor(pixels, [RowMeta(image_size=(h, w), input_size=(h, w))])
+print(estimate, status("VmHWM:") - base)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="Linux only")
+@pytest.mark.parametrize(("backbone", "h", "w"), [("resnet50", 1500, 2000), ("vgg16", 1200, 1700),
+                                                  ("resnet18", 1400, 1400)])  # fmt: skip
+def test_memory_estimate_is_within_25_percent_of_measured_peak_rss(backbone, h, w):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", _MEASURE, backbone, str(h), str(w)], env=env,
+                          capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    estimate, measured = (int(v) for v in done.stdout.split())
+    assert abs(estimate - measured) <= 0.25 * measured, (estimate / 1e9, measured / 1e9)
