@@ -14,7 +14,15 @@ from typing import IO, Annotated, Any
 
 import typer
 
-from .config import Config, int_or_auto, load_config, parse_levels, to_toml
+from .config import (
+    Config,
+    int_or_auto,
+    int_or_none,
+    load_config,
+    parse_levels,
+    size_or_auto,
+    to_toml,
+)
 from .errors import ConfigError, SppError, printable
 
 app = typer.Typer(
@@ -43,7 +51,8 @@ CONFIG_FLAGS: dict[str, Any] = {
     "device": Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", show_default=False)],
     "dtype": Annotated[str | None, typer.Option(help="Stored precision: float32 or float16.", show_default=False)],
     "precision": Annotated[str | None, typer.Option(help="Compute precision: fp32 (exact), bf16 or fp16.", show_default=False)],
-    "max_pixels": Annotated[str | None, typer.Option(metavar="N", help="Refuse (per image) images with more pixels.", show_default=False)],
+    "max_pixels": Annotated[str | None, typer.Option(metavar="N|none", help="Refuse (per image) images with more pixels; none: no limit (trusted inputs).", show_default=False)],
+    "max_memory": Annotated[str | None, typer.Option(metavar="SIZE|auto", help="Memory one image's forward may use, e.g. 4GB (auto: half the free memory; GPU: 80% of free device memory). Larger images are tiled, exactly.", show_default=False)],
     "allow_truncated": Annotated[bool | None, typer.Option("--allow-truncated/--no-allow-truncated", help="Decode truncated files and mark their rows.", show_default=False)],
     "follow_symlinks": Annotated[bool | None, typer.Option("--follow-symlinks/--no-follow-symlinks", help="Follow directory symlinks while walking.", show_default=False)],
 }  # fmt: skip
@@ -52,7 +61,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "batch_size": int_or_auto("batch-size"),
     "batch_pixels": int_or_auto("batch-pixels"),
     "workers": int_or_auto("workers"),
-    "max_pixels": int_or_auto("max-pixels", allow_auto=False),
+    "max_pixels": int_or_none("max-pixels"),
+    "max_memory": size_or_auto("max-memory"),
 }
 
 

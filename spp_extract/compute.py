@@ -1,5 +1,6 @@
 """Trunk + SPP on one device: uint8 batches in, one vector (or an out-of-memory failure) per
-image out."""
+image out. An image whose forward would exceed the memory budget runs tile by tile (exact), or,
+on a trunk that cannot be tiled, is refused (``too_large``) without being attempted."""
 
 from __future__ import annotations
 
@@ -13,16 +14,39 @@ from .backbones import Trunk
 from .config import Config
 from .errors import ImageError
 from .masking import MaskedTrunk, can_mask, valid_mask
+from .memory import MemoryModel, memory_model, show_size
 from .pooling import spatial_pyramid_pool, spp_dim
+from .tiling import (
+    ReceptiveField,
+    fitting_core,
+    meta_copy,
+    normalising,
+    output_size,
+    plan_tiles,
+    receptive_field,
+    tiled_spp,
+    tiled_trunk,
+)
 from .writer import RowMeta
+
+# Suggested instead of a backbone that cannot be tiled.
+TILEABLE_HINT = "resnet50, convnext_tiny or densenet121"
 
 
 class Extractor:
     """Trunk + SPP on one device: uint8 batches in, vectors out. Exact batching of mixed
     sizes when ``padded`` (masked padding), identical sizes otherwise."""
 
-    def __init__(self, trunk: Trunk, config: Config, device: torch.device, *, padded: bool) -> None:
+    def __init__(self, trunk: Trunk, config: Config, device: torch.device, *, padded: bool,
+                 budget: int | None = None) -> None:  # fmt: skip
+        """``budget``: bytes one image's forward may use (None: no limit; a single image that
+        runs out of memory is still retried tiled)."""
         self.trunk = trunk
+        self.budget = budget
+        self.tileable = resolve_maskable(trunk)
+        self._memory: MemoryModel | None = None
+        self._field: ReceptiveField | None = None
+        self._meta: torch.nn.Module | None = None
         self.config = config
         self.device = device
         self.module = trunk.module.to(device)
@@ -65,7 +89,31 @@ class Extractor:
             meta.feature_map_size = (int(size[0]), int(size[1]))
         return vectors
 
+    @property
+    def memory(self) -> MemoryModel:
+        if self._memory is None:
+            self._memory = memory_model(self.trunk.module, self.config.precision, self.device.type)
+        return self._memory
+
     def __call__(self, pixels: Tensor, metas: list[RowMeta]) -> list[Tensor | ImageError]:
+        """One result per image, in order: its vector, or a failure (``too_large``,
+        ``out_of_memory``). Images over the budget run alone, tiled."""
+        if self.budget is None:
+            return self._batch(pixels, metas)
+        large = [self.memory.peak(*m.input_size) > self.budget for m in metas]
+        if not any(large):
+            return self._batch(pixels, metas)
+        results: list[Tensor | ImageError | None] = [None] * len(metas)
+        rest = [row for row, big in enumerate(large) if not big]
+        if rest:
+            part = pixels.index_select(0, torch.tensor(rest))  # (n, 3, H, W)
+            for row, result in zip(rest, self._batch(part, [metas[r] for r in rest]), strict=True):
+                results[row] = result
+        for row in (r for r, big in enumerate(large) if big):
+            results[row] = self._large(pixels[row : row + 1], metas[row], self.budget)
+        return results  # type: ignore[return-value]
+
+    def _batch(self, pixels: Tensor, metas: list[RowMeta]) -> list[Tensor | ImageError]:
         """One result per image, in order: its vector, or an out-of-memory failure.
 
         Without masking, padding is not exact, so a batch whose images differ in size (a file
@@ -99,9 +147,85 @@ class Extractor:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(metas) == 1:
+                if self.tileable:  # e.g. a GPU whose free memory was less than estimated
+                    h, w = metas[0].input_size
+                    return [self._large(pixels, metas[0], self.memory.peak(h, w) // 4)]
                 return [ImageError("out_of_memory", "this image does not fit in device memory")]
             half = len(metas) // 2
             return self._fitting(pixels[:half], metas[:half]) + self._fitting(pixels[half:], metas[half:])
+
+
+    def _large(self, pixels: Tensor, meta: RowMeta, budget: int) -> Tensor | ImageError:
+        """One image over ``budget``: tiled when the trunk allows it (smaller tiles after an
+        out-of-memory error), else refused before anything is allocated."""
+        h, w = meta.input_size
+        need = self.memory.peak(h, w)
+        if not self.tileable:
+            name = self.config.backbone
+            return ImageError(
+                "too_large",
+                f"{h}x{w} needs about {show_size(need)} through {name}, over max_memory = "
+                f"{show_size(budget)}; {name} cannot be tiled (it has global ops such as "
+                f"squeeze-excitation), so the image was not attempted; use a tileable backbone "
+                f"({TILEABLE_HINT}) or a larger max_memory",
+            )
+        while True:
+            try:
+                with torch.inference_mode():
+                    vector, tiles = self._tiled(pixels[..., :h, :w], meta, budget)
+                meta.tiles = tiles
+                return vector.to("cpu")
+            except (RuntimeError, MemoryError) as exc:
+                if not _out_of_memory(exc):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self._at_minimum(budget, h, w):
+                    return ImageError("out_of_memory", f"{h}x{w} does not fit in memory even in "
+                                      "the smallest tiles")  # fmt: skip
+                budget //= 4
+
+    def _at_minimum(self, budget: int, height: int, width: int) -> bool:
+        """Whether ``budget`` already gives tiles of one output cell (nothing smaller to try)."""
+        side = _smallest_tile(self._tiling()[0])
+        return self.memory.peak(side, side) + 3 * height * width >= budget
+
+    def _tiling(self) -> tuple[ReceptiveField, torch.nn.Module]:
+        if self._field is None or self._meta is None:
+            self._meta = meta_copy(self.trunk.module)
+            self._field = receptive_field(self._meta)
+        return self._field, self._meta
+
+    def _tiled(self, x: Tensor, meta: RowMeta, budget: int) -> tuple[Tensor, int]:
+        """``x: Tensor[1, 3, h, w]`` uint8 -> (its vector, tiles used). Tiles are sized to fit
+        ``budget`` with the uint8 image and the stitched map; where the map itself leaves no
+        room, SPP bins are accumulated tile by tile instead. No full-size float copy."""
+        field, meta_trunk = self._tiling()
+        h, w = x.shape[-2:]
+        out_size = output_size(meta_trunk, h, w)
+        held = x.numel() * x.element_size()
+        fmap = self.trunk.channels * out_size[0] * out_size[1] * 4
+        smallest = _smallest_tile(field)
+        stream = budget - held - fmap < self.memory.peak(smallest, smallest)
+        room = budget - held - (0 if stream else fmap)
+        core = fitting_core(field, (h, w), out_size, self.memory.pixels_within(room))
+        plan = plan_tiles(field, (h, w), out_size, core)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        prepare = normalising(self.mean, self.std, meta.image_size, memory_format=memory_format)
+        levels, mode = self.config.levels, self.config.pooling
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            if stream:
+                vector = tiled_spp(self.module, x, plan, levels, mode, prepare=prepare)  # type: ignore[arg-type]
+            else:
+                stitched = tiled_trunk(self.module, x, plan, prepare=prepare).float()  # (1, C, h', w')
+                vector = spatial_pyramid_pool(stitched, levels, mode)  # type: ignore[arg-type]
+        meta.feature_map_size = out_size
+        return vector[0], len(plan)
+
+
+def _smallest_tile(field: ReceptiveField) -> int:
+    """Side of the smallest sensible tile: its halos and one output cell."""
+    return max(field.rows.hi - field.rows.lo, field.cols.hi - field.cols.lo) + max(field.stride)
 
 
 def _out_of_memory(exc: BaseException) -> bool:

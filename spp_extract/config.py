@@ -21,6 +21,7 @@ from typing import Any
 from .errors import ConfigError, printable
 
 AUTO = "auto"
+NONE = "none"
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,10 @@ class Config:
     batch_size: int | str = AUTO  # most images in one batch
     batch_pixels: int | str = AUTO  # most padded pixels in one batch
     workers: int | str = AUTO  # decode processes
-    max_pixels: int = 89_478_485  # larger images are refused per image (Pillow's bomb guard)
+    max_pixels: int | str = 89_478_485  # larger images are refused per image (Pillow's bomb
+    # guard); "none": no limit (trusted inputs)
+    max_memory: str = AUTO  # "1GB", "512MB", "2GiB": what one forward may use; larger images
+    # are tiled (or refused, for trunks that cannot be tiled)
     allow_truncated: bool = False  # decode truncated files and mark the row instead of failing
     decode_timeout: float = 120.0  # seconds one batch's decoding may take before it is isolated
     commit_seconds: float = 30.0  # work is committed to a shard at least this often
@@ -88,6 +92,24 @@ MAX_PIXELS = 2**40  # max_pixels, batch_pixels (about 10^12)
 MAX_BATCH, MAX_WORKERS = 65_536, 1024
 MEAN_RANGE, STD_RANGE = (-1000.0, 1000.0), (1e-6, 1000.0)  # pixels are in [0, 1]
 SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.manual_seed accepts and TOML can hold
+MIN_MEMORY, MAX_MEMORY = 10**6, 10**15  # max_memory: 1 MB to 1 PB
+_SIZE = re.compile(r"^ *([0-9]{1,16}(?:\.[0-9]{1,6})?) *([KMGTP]i?B|B)? *$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}  # fmt: skip
+
+
+def memory_size(text: str) -> int | None:
+    """'512MB' -> 512_000_000, '2GiB' -> 2**31, '1.5GB' -> 1_500_000_000 (bytes without a
+    unit); None if ``text`` is not a size."""
+    match = _SIZE.match(text)
+    if match is None:
+        return None
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+
+
+def pixel_limit(config: Config) -> int:
+    """``max_pixels`` as a number (``none``: no limit)."""
+    return 2**62 if config.max_pixels == NONE else int(config.max_pixels)
 
 
 def _show(value: Any) -> str:
@@ -168,7 +190,13 @@ def _check(name: str, value: Any) -> None:
     elif name == "workers":
         _check_int(name, value, 0, MAX_WORKERS, allow_auto=True)
     elif name == "max_pixels":
-        _check_int(name, value, 1, MAX_PIXELS)
+        if value != NONE and (not _is_int(value) or not 1 <= value <= MAX_PIXELS):
+            raise _invalid(name, value, f"an integer from 1 to {MAX_PIXELS} or 'none'")
+    elif name == "max_memory":
+        size = memory_size(value) if isinstance(value, str) else None
+        if value != AUTO and (size is None or not MIN_MEMORY <= size <= MAX_MEMORY):
+            raise _invalid(name, value, "a size from 1MB to 1PB such as '512MB', '4GB' or "
+                           "'2GiB', or 'auto'")  # fmt: skip
     elif name == "seed":
         _check_int(name, value, *SEED_RANGE)
     elif name in ("decode_timeout", "commit_seconds"):
@@ -322,5 +350,32 @@ def int_or_auto(name: str, *, allow_auto: bool = True) -> Callable[[str], int | 
             expected = "an integer" + (" or 'auto'" if allow_auto else "")
             raise ConfigError(f"--{name} '{printable(text)}' is invalid; expected {expected}")
         return _int(text)
+
+    return parse
+
+
+def int_or_none(name: str) -> Callable[[str], int | str]:
+    """A parser for ``--name N|none``."""
+    digits = int_or_auto(name, allow_auto=False)
+
+    def parse(text: str) -> int | str:
+        if text == NONE:
+            return NONE
+        if not _INT.match(text):
+            raise ConfigError(f"--{name} '{printable(text)}' is invalid; expected an integer or 'none'")
+        return digits(text)
+
+    return parse
+
+
+def size_or_auto(name: str) -> Callable[[str], str]:
+    """A parser for ``--name SIZE|auto`` ('4GB', '512MB', '2GiB')."""
+
+    def parse(text: str) -> str:
+        size = memory_size(text)
+        if text != AUTO and (size is None or not MIN_MEMORY <= size <= MAX_MEMORY):
+            raise ConfigError(f"--{name} '{printable(text)}' is invalid; expected a size from 1MB "
+                              "to 1PB such as 512MB, 4GB or 2GiB, or 'auto'")  # fmt: skip
+        return text.strip()
 
     return parse

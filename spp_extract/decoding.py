@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from . import images
-from .config import Config
+from .config import Config, pixel_limit
 from .errors import ImageError, printable
 from .writer import RowMeta
 
@@ -30,7 +30,7 @@ def decode_item(ref: images.ImageRef, index: int, min_side: int, config: Config)
     if ref.problem is not None:  # a folder that could not be listed: nothing to open
         return failure(ref, index, *ref.problem)
     try:
-        decoded = images.decode(ref.path, max_pixels=config.max_pixels,
+        decoded = images.decode(ref.path, max_pixels=pixel_limit(config),
                                 allow_truncated=config.allow_truncated)  # fmt: skip
     except ImageError as exc:
         return failure(ref, index, exc.kind, exc.message)

@@ -44,6 +44,7 @@ from .decoding import (
     read_sizes,
 )  # fmt: skip
 from .errors import ConfigError, ImageError, OutputError, SppError, option, printable
+from .memory import memory_budget, module_bytes
 from .planning import BUCKET, Planner, partition
 from .pooling import spp_dim
 from .writer import (
@@ -147,10 +148,14 @@ def _workers(config: Config, device: torch.device, ctx: Dist) -> int:
     return max(1, min(8, cores - 1))
 
 
-def _batch_limits(config: Config, device: torch.device) -> tuple[int, int]:
+def _batch_limits(config: Config, device: torch.device, fit_pixels: int | None = None) -> tuple[int, int]:
+    """``fit_pixels``: the most pixels one forward may take within the memory budget
+    (``batch_pixels = auto`` stays within it)."""
     gpu = device.type != "cpu"
     size = config.batch_size if config.batch_size != AUTO else (64 if gpu else 8)
     pixels = config.batch_pixels if config.batch_pixels != AUTO else (64 if gpu else 8) * 512 * 512
+    if config.batch_pixels == AUTO and fit_pixels is not None:
+        pixels = max(1, min(pixels, fit_pixels))
     return int(size), int(pixels)
 
 
@@ -614,10 +619,11 @@ def _run_rank(
         # Padded batches come in few shapes (64-px buckets), so autotuning pays; exact sizes
         # would tune for every new shape.
         torch.backends.cudnn.benchmark = padded
-    batch_size, batch_pixels = _batch_limits(config, device)
+    budget = memory_budget(config.max_memory, device, module_bytes(trunk.module))
+    extractor = Extractor(trunk, config, device, padded=padded, budget=budget)
+    batch_size, batch_pixels = _batch_limits(config, device, extractor.memory.pixels_within(budget))
     planner = Planner(work_sizes, padded=padded, batch_size=batch_size,
                       batch_pixels=batch_pixels, commit_seconds=config.commit_seconds)  # fmt: skip
-    extractor = Extractor(trunk, config, device, padded=padded)
     total = len(work)
     if progress:
         progress(0, total)

@@ -49,6 +49,7 @@ ROW_FIELDS: dict[str, tuple[Any, int | None]] = {
     "truncated": (np.bool_, None),
     "file_size": (np.int64, None),
     "mtime_ns": (np.int64, None),
+    "tiles": (np.int32, None),  # 0: not tiled; absent from shards of older versions (read as 0)
 }
 
 
@@ -153,6 +154,7 @@ class RowMeta:
     truncated: bool = False
     file_size: int = -1
     mtime_ns: int = -1
+    tiles: int = 0  # how many tiles the trunk ran on (0: the whole image at once)
     error_class: str = ""
     error: str = ""
 
@@ -431,8 +433,11 @@ def _gather(records: Sequence[tuple[bytes, Record]], handles: dict[int, h5py.Fil
     cache: dict[int, np.ndarray] = {}
     for i, (_, r) in enumerate(records):
         if r.shard not in cache:
-            data = handles[r.shard][name]
-            cache[r.shard] = data.asstr()[:] if dtype == _STR else data[:]
+            if name not in handles[r.shard]:  # a shard written before the field existed
+                cache[r.shard] = np.zeros((handles[r.shard]["status"].shape[0], *shape[1:]), dtype)
+            else:
+                data = handles[r.shard][name]
+                cache[r.shard] = data.asstr()[:] if dtype == _STR else data[:]
         out[i] = cache[r.shard][r.row]
     return out
 
@@ -698,11 +703,15 @@ def summary(path: Path, rows: int = 3) -> list[str]:
                            failed["errors"].asstr()[:], strict=True):  # fmt: skip
             lines.append(f"  {printable(p)}: {k}: {printable(e)}")
         paths = f["paths"].asstr()
+        tiles = f["tiles"][:] if "tiles" in f else np.zeros(n, np.int32)
+        if n:
+            lines.append(f"tiled: {int(np.count_nonzero(tiles))} of {n} images (over max_memory)")
         for i in range(min(rows, n)):
             head = ", ".join(f"{v:.4g}" for v in features[i][:4])
             size = tuple(int(v) for v in f["image_size"][i])
             fmap = tuple(int(v) for v in f["feature_map_size"][i])
-            lines.append(f"row {i}: {printable(paths[i])}  size {size}  map {fmap}  [{head}, ...]")
+            tiled = f"  tiles {int(tiles[i])}" if tiles[i] else ""
+            lines.append(f"row {i}: {printable(paths[i])}  size {size}  map {fmap}{tiled}  [{head}, ...]")
     return lines
 
 

@@ -85,7 +85,7 @@ def test_squeeze_excitation_backbone_falls_back_and_stays_exact(tmp_path, mixed_
         assert rel_err(data.features[row], reference_vector(trunk, mixed_folder / name, (4, 2, 1))) <= 1e-4
 
 
-def test_out_of_memory_splits_the_batch_and_fails_only_the_image_that_never_fits(monkeypatch):
+def test_out_of_memory_splits_the_batch_and_tiles_only_the_image_that_never_fits(monkeypatch):
     config = Config(backbone="resnet18", weights="none", levels=(2, 1))
     extractor = Extractor(build_trunk(config), config, torch.device("cpu"), padded=True)
     real_run = extractor._run
@@ -105,6 +105,8 @@ def test_out_of_memory_splits_the_batch_and_fails_only_the_image_that_never_fits
              for i, s in enumerate(sizes)]  # fmt: skip
     monkeypatch.setattr(extractor, "_run", limited)
     results = extractor(pixels, metas)
-    assert results[1].kind == "out_of_memory"
-    for i in (0, 2, 3, 4):
+    # The image that never fits whole is retried in tiles (issue 10), which do not go through
+    # _run; a failure of the tiles too is tested in test_tiling.py.
+    assert metas[1].tiles > 1
+    for i in (0, 1, 2, 3, 4):
         assert rel_err(results[i].numpy(), whole[i].numpy()) <= 1e-4
