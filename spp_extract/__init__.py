@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import importlib
+from importlib import metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+try:  # one version everywhere: the installed package's (pyproject.toml)
+    __version__ = _metadata.version("spp-extract")
+except _metadata.PackageNotFoundError:  # a checkout that was not installed
+    __version__ = "0.1.0"
 
 from .config import Config, load_config  # noqa: E402
 from .errors import ConfigError, ImageError, OutputError, SppError  # noqa: E402

@@ -106,14 +106,9 @@ def _fail(exc: SppError) -> typer.Exit:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from . import __version__
 
-    try:
-        return version("spp-extract")
-    except PackageNotFoundError:  # running from a checkout that was not installed
-        from . import __version__
-
-        return __version__
+    return __version__
 
 
 def _show_version(value: bool) -> None:
@@ -254,7 +249,8 @@ def extract(
             from .retrieval import project_file
 
             progress.close()
-            project_file(target, output, projection, overwrite=True, progress=progress)
+            if main_rank:  # under torchrun every rank returns here; one writes the projection
+                project_file(target, output, projection, overwrite=True, progress=progress)
             result.output, result.feature_dim = output, projection.dim
     except KeyboardInterrupt:  # before anything was written (loading the model, say)
         progress.close()

@@ -17,6 +17,7 @@ from .masking import MaskedTrunk, can_mask, valid_mask
 from .memory import MemoryModel, memory_model, show_size
 from .pooling import spatial_pyramid_pool, spp_dim
 from .tiling import (
+    NotTileable,
     ReceptiveField,
     fitting_core,
     meta_copy,
@@ -172,7 +173,14 @@ class Extractor:
         while True:
             try:
                 with torch.inference_mode():
-                    vector, tiles = self._tiled(pixels[..., :h, :w], meta, budget)
+                    result = self._tiled(pixels[..., :h, :w], meta, budget)
+                if isinstance(result, ImageError):
+                    return result
+                vector, tiles = result
+            except NotTileable as exc:  # the tracer knows better than the module deny-list
+                return ImageError("too_large", f"{h}x{w} needs about {show_size(need)}, over "
+                                  f"max_memory = {show_size(budget)}, and {self.config.backbone} "
+                                  f"cannot be tiled ({exc}); use a larger max_memory")  # fmt: skip
                 meta.tiles = tiles
                 return vector.to("cpu")
             except (RuntimeError, MemoryError) as exc:
@@ -196,7 +204,7 @@ class Extractor:
             self._field = receptive_field(self._meta)
         return self._field, self._meta
 
-    def _tiled(self, x: Tensor, meta: RowMeta, budget: int) -> tuple[Tensor, int]:
+    def _tiled(self, x: Tensor, meta: RowMeta, budget: int) -> tuple[Tensor, int] | ImageError:
         """``x: Tensor[1, 3, h, w]`` uint8 -> (its vector, tiles used). Tiles are sized to fit
         ``budget`` with the uint8 image and the stitched map; where the map itself leaves no
         room, SPP bins are accumulated tile by tile instead. No full-size float copy."""
@@ -210,6 +218,17 @@ class Extractor:
         room = budget - held - (0 if stream else fmap)
         core = fitting_core(field, (h, w), out_size, self.memory.pixels_within(room))
         plan = plan_tiles(field, (h, w), out_size, core)
+        work = sum((t.rows[1] - t.rows[0]) * (t.cols[1] - t.cols[0]) for t in plan.tiles)
+        if work > MAX_TILING_WORK * h * w:
+            # Tiles so small that halos are nearly all they compute: refuse, do not crawl.
+            better = self.memory.peak(4 * smallest, 4 * smallest) + held + (0 if stream else fmap)
+            return ImageError(
+                "too_large",
+                f"{h}x{w}: max_memory = {show_size(budget)} leaves room only for tiles that "
+                f"would compute the image {work / (h * w):.0f} times over (halos of "
+                f"{self.config.backbone}'s receptive field); not attempted — give max_memory "
+                f"at least {show_size(better)}",
+            )
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         prepare = normalising(self.mean, self.std, meta.image_size, memory_format=memory_format)
         levels, mode = self.config.levels, self.config.pooling
@@ -221,6 +240,10 @@ class Extractor:
                 vector = spatial_pyramid_pool(stitched, levels, mode)  # type: ignore[arg-type]
         meta.feature_map_size = out_size
         return vector[0], len(plan)
+
+
+# Tiling may compute at most this many times the image's pixels (halos overlap).
+MAX_TILING_WORK = 8
 
 
 def _smallest_tile(field: ReceptiveField) -> int:

@@ -127,7 +127,7 @@ def _device(config: Config, ctx: Dist) -> torch.device:
         if int(name.split(":")[1]) >= torch.cuda.device_count():
             raise ConfigError(f"device {name!r} does not exist; {torch.cuda.device_count()} CUDA devices")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' requested but MPS is not available; use {option('device', 'cpu')}")
+        raise ConfigError(f"device 'mps' requested but MPS is not available; use {option('device', 'cpu')}")
     return torch.device(name)
 
 
@@ -473,7 +473,8 @@ def _extract(inputs: Sequence[str | os.PathLike[str]], output: Path, config: Con
         dim = spp_dim(trunk.channels, config.levels)
         attrs = run_attrs(
             backbone=resolved.backbone, layer=resolved.layer, weights=resolved.weights,
-            levels=list(config.levels), pooling=config.pooling, channels=trunk.channels,
+            weights_id=resolved.weights_id, levels=list(config.levels), pooling=config.pooling,
+            channels=trunk.channels,
             feature_dim=dim, dtype=config.dtype, mean=list(resolved.mean),
             std=list(resolved.std), precision=config.precision,
             config=to_toml(resolved_config(config, resolved)),
@@ -561,7 +562,8 @@ def _partial_view(output: Path, run_dir: Path, keys: list[bytes], dim: int, dtyp
 def _unlisted(refs: Sequence[images.ImageRef]) -> list[bytes]:
     """Path prefixes of folders that could not be listed: their earlier rows are kept. An
     input folder that cannot be listed at all keeps every earlier row."""
-    return [b"" if r.key == r.path else r.key_bytes + b"/" for r in refs if r.problem]
+    return [b"" if os.path.normpath(r.key) == os.path.normpath(r.path) else r.key_bytes + b"/"
+            for r in refs if r.problem]  # fmt: skip
 
 
 def _source(ref: images.ImageRef) -> bytes:

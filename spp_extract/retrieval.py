@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .config import Config
-from .errors import ConfigError, printable
+from .errors import ConfigError, option, printable
 from .writer import (
     _atomic_h5,
     _block_rows,
@@ -207,7 +207,7 @@ def fingerprint(attrs_or_config: dict[str, Any] | Config) -> dict[str, Any]:
         resolved = resolve(config)
         _, channels, _ = describe(resolved.backbone, resolved.layer)
         values = {
-            "backbone": resolved.backbone, "layer": resolved.layer, "weights": resolved.weights,
+            "backbone": resolved.backbone, "layer": resolved.layer, "weights": _weights(resolved),
             "levels": list(config.levels), "pooling": config.pooling, "mean": list(resolved.mean),
             "std": list(resolved.std), "feature_dim": spp_dim(channels, config.levels),
         }  # fmt: skip
@@ -216,6 +216,8 @@ def fingerprint(attrs_or_config: dict[str, Any] | Config) -> dict[str, Any]:
         return values
     attrs = attrs_or_config
     values = {key: _plain(attrs.get(key)) for key in FINGERPRINT_KEYS}
+    if str(values["weights"]).startswith("file:"):  # a weights file counts by its content
+        values["weights"] = _plain(attrs.get("weights_id", values["weights"]))
     values["levels"] = [int(v) for v in values["levels"] or []]
     values["mean"] = [float(v) for v in values["mean"] or []]
     values["std"] = [float(v) for v in values["std"] or []]
@@ -225,6 +227,11 @@ def fingerprint(attrs_or_config: dict[str, Any] | Config) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             values["seed"] = None
     return values
+
+
+def _weights(resolved: Any) -> str:
+    """What identifies the weights: the torchvision name, "none", or a file's sha256."""
+    return resolved.weights_id if resolved.weights.startswith("file:") else resolved.weights
 
 
 def check_projection(projection: Projection, attrs_or_config: dict[str, Any] | Config) -> None:
@@ -249,9 +256,13 @@ def _config_sha256(attrs: dict[str, Any]) -> str:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """The device by the extraction's own rules (``auto``: CUDA, then MPS, then CPU);
+    ConfigError, one line, for a bad or unavailable one."""
+    from .config import Config
+    from .pipeline import Dist
+    from .pipeline import _device as resolve_device
+
+    return resolve_device(Config(device=str(device or "auto")), Dist())
 
 
 def _open_source(path: Path) -> dict[str, Any]:
@@ -270,13 +281,7 @@ def _check_dest(source: Path, dest: Path, overwrite: bool) -> None:
         raise ConfigError(f"'{dest}' is {source.name} itself or inside its shards folder; "
                           "write somewhere else")  # fmt: skip
     if dest.exists() and not overwrite:
-        raise ConfigError(f"'{dest}' exists; pass {_opt('overwrite')} to replace it")
-
-
-def _opt(name: str) -> str:
-    from .errors import option
-
-    return option(name)
+        raise ConfigError(f"'{dest}' exists; pass {option('overwrite')} to replace it")
 
 
 def _sample_index(n: int, sample: int, seed: int) -> np.ndarray:
@@ -325,8 +330,8 @@ def fit_projection(
                               f"choose 1 to {d}")  # fmt: skip
         if dim > rows - 1:
             raise ConfigError(f"dim {dim} needs at least {dim + 1} sampled rows, and the sample has "
-                              f"{rows} (file rows: {n}); lower {_opt('dim')} or raise "
-                              f"{_opt('sample')}")  # fmt: skip
+                              f"{rows} (file rows: {n}); lower {option('dim')} or raise "
+                              f"{option('sample')}")  # fmt: skip
         target = _device(device)
         index = _sample_index(n, rows, seed)
         x = torch.empty(rows, d, dtype=torch.float32, device=target)  # (sample, D)
@@ -427,8 +432,8 @@ def load_for_extract(project: Path, config: Config, output: Path, *, resume: boo
             raise ConfigError(f"{exc}; refusing to replace it: move it away or choose another "
                               "output") from None  # fmt: skip
         if not (resume or overwrite):
-            raise ConfigError(f"output '{output}' already exists; pass {_opt('resume')} to continue "
-                              f"it or {_opt('overwrite')} to replace it")  # fmt: skip
+            raise ConfigError(f"output '{output}' already exists; pass {option('resume')} to continue "
+                              f"it or {option('overwrite')} to replace it")  # fmt: skip
     return projection
 
 
@@ -594,7 +599,7 @@ def find_neighbors(
     source = Path(source)
     _open_source(source)
     if dest is None and pairs is None:
-        raise ConfigError(f"nothing to write; give {_opt('output')} and/or {_opt('pairs')}")
+        raise ConfigError(f"nothing to write; give {option('output')} and/or {option('pairs')}")
     if not (math.isfinite(threshold) and -1 <= threshold <= 1):
         raise ConfigError(f"threshold {threshold} is invalid; expected a cosine from -1 to 1")
     for out in (dest, pairs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import pytest
 import torch
@@ -348,3 +349,25 @@ def test_memory_estimate_is_within_25_percent_of_measured_peak_rss(backbone, h, 
                           capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
     estimate, measured = (int(v) for v in done.stdout.split())
     assert abs(estimate - measured) <= 0.25 * measured, (estimate / 1e9, measured / 1e9)
+
+
+def test_a_budget_too_small_to_tile_sensibly_is_refused_not_crawled(tmp_path):
+    """Tiles of one output cell are nearly all halo: such an image is refused with the
+    budget to give, never computed hundreds of times over."""
+    from conftest import photo
+    from PIL import Image
+
+    from spp_extract import extract, read_features
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(photo(300, 1200, seed=3)).save(folder / "wide.png")
+    Image.fromarray(photo(24, 24, seed=4)).save(folder / "small.png")
+    out = tmp_path / "out.h5"
+    started = time.monotonic()
+    result = extract([folder], out, config=Config(backbone="resnet18", weights="none", workers=0,
+                                                  max_memory="48MB"))  # fmt: skip
+    assert time.monotonic() - started < 60
+    data = read_features(out)
+    assert data.paths == ["small.png"] and result.failed == 1
+    assert "at least" in data.failed_errors[0] and "times over" in data.failed_errors[0]
