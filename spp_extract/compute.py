@@ -177,12 +177,12 @@ class Extractor:
                 if isinstance(result, ImageError):
                     return result
                 vector, tiles = result
+                meta.tiles = tiles
+                return vector.to("cpu")
             except NotTileable as exc:  # the tracer knows better than the module deny-list
                 return ImageError("too_large", f"{h}x{w} needs about {show_size(need)}, over "
                                   f"max_memory = {show_size(budget)}, and {self.config.backbone} "
                                   f"cannot be tiled ({exc}); use a larger max_memory")  # fmt: skip
-                meta.tiles = tiles
-                return vector.to("cpu")
             except (RuntimeError, MemoryError) as exc:
                 if not _out_of_memory(exc):
                     raise
@@ -243,7 +243,7 @@ class Extractor:
 
 
 # Tiling may compute at most this many times the image's pixels (halos overlap).
-MAX_TILING_WORK = 8
+MAX_TILING_WORK = 32
 
 
 def _smallest_tile(field: ReceptiveField) -> int:

@@ -135,7 +135,7 @@ def test_an_image_whose_decoded_size_differs_from_its_batch_gets_its_own_vector(
     RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9999 bytes."),
     MemoryError(),
 ])  # fmt: skip
-def test_cpu_out_of_memory_splits_the_batch_and_records_the_image(tmp_path, error):
+def test_cpu_out_of_memory_splits_the_batch_tiles_the_image_then_records_it(tmp_path, error):
     paths = []
     for name in ["a.png", "big.png", "c.png", "d.png"]:
         Image.fromarray(photo(40, 40, len(paths))).save(tmp_path / name)
@@ -152,6 +152,16 @@ def test_cpu_out_of_memory_splits_the_batch_and_records_the_image(tmp_path, erro
         return real_run(pixels, metas)
 
     extractor._run = run
+    results = extractor(batch.pixels, batch.metas)
+    for i in (0, 1, 2, 3):  # the image that did not fit whole ran in tiles: the same vector
+        want = reference_vector(trunk, paths[i], CONFIG.levels)
+        np.testing.assert_allclose(results[i].numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert big.tiles > 0
+
+    def tiled(*_args):
+        raise error
+
+    extractor._tiled = tiled  # not even the smallest tiles fit: recorded, the others done
     results = extractor(batch.pixels, batch.metas)
     assert isinstance(results[1], ImageError) and results[1].kind == "out_of_memory"
     for i in (0, 2, 3):
