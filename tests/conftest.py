@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import errno
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +35,19 @@ def example_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("examples")
     make_examples(folder)
     return folder
+
+
+def refuse_listing(monkeypatch: pytest.MonkeyPatch, folder_name: str) -> None:
+    """Listing a folder whose path ends in ``folder_name`` fails with EACCES (as chmod 000
+    does for a normal user; tests run as root, which could still list it)."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # noqa: ANN001, ANN202
+        if os.fspath(path).rstrip("/").endswith(folder_name):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
 
 
 def photo(height: int, width: int, seed: int = 0) -> np.ndarray:

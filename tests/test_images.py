@@ -1,6 +1,5 @@
 """Finding files and decoding them at native size, including hostile inputs."""
 
-import errno
 import io
 import os
 import struct
@@ -8,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import photo
+from conftest import photo, refuse_listing
 from PIL import Image, ImageFile
 
 from spp_extract import ConfigError, ImageError
@@ -285,14 +284,7 @@ def test_two_symlinked_files_in_a_folder_stay_two_rows(tmp_path):
 
 def test_folder_that_cannot_be_listed_is_a_failure_row(tmp_path, monkeypatch):
     _tree(tmp_path, ["a.png", "locked/b.png", "z.png"])
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if os.fspath(path).endswith("locked"):
-            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    refuse_listing(monkeypatch, "locked")
     refs = find_images([tmp_path]).refs
     assert [(r.key, r.problem) for r in refs] == [
         ("a.png", None), ("locked", ("permission_denied", "cannot list this folder: Permission denied")),
@@ -354,14 +346,7 @@ def test_an_unlisted_folder_fails_as_a_row_without_being_opened(tmp_path, monkey
     from spp_extract import Config, decoding, extract, read_features
 
     _tree(tmp_path / "in", ["a.png", "locked/b.png"])
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if os.fspath(path).endswith("locked"):
-            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    refuse_listing(monkeypatch, "locked")
     ref = find_images([tmp_path / "in"]).refs[1]
 
     def no_decoding(*_args, **_kwargs):
@@ -374,7 +359,7 @@ def test_an_unlisted_folder_fails_as_a_row_without_being_opened(tmp_path, monkey
     assert (item.index, item.pixels, item.meta.error_class) == (3, None, "permission_denied")
     assert decoding.read_sizes([ref], 0) == [None]
     monkeypatch.undo()
-    monkeypatch.setattr(os, "scandir", scandir)
+    refuse_listing(monkeypatch, "locked")
     result = extract([tmp_path / "in"], tmp_path / "out.h5", config=config)
     data = read_features(tmp_path / "out.h5")
     assert (result.images, result.failed) == (1, 1)

@@ -14,10 +14,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import keyed, photo
+from conftest import keyed, photo, refuse_listing
 from PIL import Image
 
-from spp_extract import Config, ConfigError, OutputError, extract, images, merge, read_features
+from spp_extract import Config, ConfigError, OutputError, extract, merge, read_features
 from spp_extract.writer import OutputLock, shards_root
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
@@ -256,14 +256,7 @@ def test_rows_of_a_folder_that_cannot_be_listed_this_time_are_kept(tmp_path, fol
     out = tmp_path / "out.h5"
     extract([folder], out, config=CONFIG)
     before = keyed(out)["rows"]
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if os.fspath(path).rstrip("/").endswith("sub"):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(images.os, "scandir", scandir)
+    refuse_listing(monkeypatch, "sub")
     result = extract([folder], out, config=CONFIG, resume=True)
     data = read_features(out)
     assert "sub/inner.png" in data.paths
