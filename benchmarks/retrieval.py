@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 def make_file(path: Path, rows: int, dim: int, dtype: str, seed: int = 0) -> None:
     """Write a synthetic spp-extract file (merged layout) in blocks of 1,000 rows."""
-    from spp_extract.writer import ROW_FIELDS, run_attrs
+    from spp_extract.storage import ROW_FIELDS, run_attrs
 
     rng = np.random.default_rng(seed)
     rank = 64

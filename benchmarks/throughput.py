@@ -35,9 +35,9 @@ from spp_extract import Config, extract, images  # noqa: E402
 from spp_extract.backbones import build_trunk  # noqa: E402
 from spp_extract.compute import Extractor  # noqa: E402
 from spp_extract.decoding import collate, decode_item  # noqa: E402
-from spp_extract.pipeline import _batch_limits  # noqa: E402
 from spp_extract.planning import Planner  # noqa: E402
 from spp_extract.pooling import spatial_pyramid_pool  # noqa: E402
+from spp_extract.runtime import batch_limits  # noqa: E402
 
 
 def make_corpus(folder: Path, count: int, seed: int = 0) -> None:
@@ -82,7 +82,7 @@ def compute_limit(paths: list[Path], trunk, config: Config, device: torch.device
     refs = [images.ImageRef(p.name, str(p)) for p in paths]
     items = [decode_item(r, i, trunk.min_side, config) for i, r in enumerate(refs)]
     sizes = [it.meta.input_size for it in items]
-    batch_size, batch_pixels = _batch_limits(config, device)
+    batch_size, batch_pixels = batch_limits(config, device)
     planner = Planner(sizes, padded=padded, batch_size=batch_size, batch_pixels=batch_pixels,
                       commit_seconds=1e9)  # fmt: skip
     batches = [collate([items[i] for i in plan]) for plan in planner]

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from .model import SppModel, create_model
     from .pipeline import Result, extract
     from .pooling import SpatialPyramidPooling, spatial_pyramid_pool, spp_dim
+    from .reader import Features, iter_features, read_features
     from .retrieval import Neighbors, Projection, check_projection, neighbors, project_file, reduce
-    from .writer import Features, iter_features, merge, read_features
+    from .view import merge
 
 # Names from modules that import torch, loaded on first use, so that `spp-extract --help`
 # and `--version` (and `import spp_extract.cli`) do not spend seconds importing torch.
@@ -27,7 +28,7 @@ _LAZY = {
     "extract": "pipeline", "Result": "pipeline",
     "SpatialPyramidPooling": "pooling", "spatial_pyramid_pool": "pooling", "spp_dim": "pooling",
     "create_model": "model", "SppModel": "model",
-    "Features": "writer", "merge": "writer", "read_features": "writer", "iter_features": "writer",
+    "Features": "reader", "merge": "view", "read_features": "reader", "iter_features": "reader",
     "Projection": "retrieval", "reduce": "retrieval", "project_file": "retrieval",
     "check_projection": "retrieval", "neighbors": "retrieval", "Neighbors": "retrieval",
 }  # fmt: skip

@@ -307,7 +307,7 @@ def show_config(cfg: Config | None = None) -> None:
     """Print the resolved configuration as TOML (file < flags, defaults filled in)."""
     assert cfg is not None  # given by _config_flags
     from .backbones import resolve
-    from .pipeline import resolved_config
+    from .rundir import resolved_config
 
     try:
         typer.echo(to_toml(resolved_config(cfg, resolve(cfg))), nl=False)
@@ -321,7 +321,8 @@ def inspect(
     rows: Annotated[int, typer.Option(help="How many rows to show.")] = 3,
 ) -> None:
     """Print count, dimension, configuration, failures and a few rows of an output file."""
-    from .writer import check_sources, summary
+    from .reader import summary
+    from .view import check_sources
 
     try:
         check_sources(path)
@@ -337,7 +338,7 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="Replace DEST if it exists.")] = False,
 ) -> None:
     """Copy an output and its shards into one self-contained HDF5 file."""
-    from .writer import merge as do_merge
+    from .view import merge as do_merge
 
     try:
         if dest.is_dir():

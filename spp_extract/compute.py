@@ -16,6 +16,7 @@ from .errors import ImageError
 from .masking import MaskedTrunk, can_mask, valid_mask
 from .memory import MemoryModel, memory_model, show_size
 from .pooling import spatial_pyramid_pool, spp_dim
+from .records import RowMeta
 from .tiling import (
     NotTileable,
     ReceptiveField,
@@ -28,7 +29,6 @@ from .tiling import (
     tiled_spp,
     tiled_trunk,
 )
-from .writer import RowMeta
 
 # Suggested instead of a backbone that cannot be tiled.
 TILEABLE_HINT = "resnet50, convnext_tiny or densenet121"
@@ -39,13 +39,14 @@ class Extractor:
     sizes when ``padded`` (masked padding), identical sizes otherwise."""
 
     def __init__(self, trunk: Trunk, config: Config, device: torch.device, *, padded: bool,
-                 budget: int | None = None) -> None:  # fmt: skip
+                 budget: int | None = None, memory: MemoryModel | None = None) -> None:  # fmt: skip
         """``budget``: bytes one image's forward may use (None: no limit; a single image that
-        runs out of memory is still retried tiled)."""
+        runs out of memory is still retried tiled). ``memory``: the trunk's memory model, if
+        already made (``Runtime.memory``)."""
         self.trunk = trunk
         self.budget = budget
         self.tileable = resolve_maskable(trunk)
-        self._memory: MemoryModel | None = None
+        self._memory = memory
         self._field: ReceptiveField | None = None
         self._meta: torch.nn.Module | None = None
         self.config = config

@@ -1,12 +1,13 @@
-"""Decoding in DataLoader workers: items, padded uint8 batches, and isolating a decoder that
-crashes or hangs in a throw-away process."""
+"""Decoding in DataLoader workers: items, padded uint8 batches in the planner's order, and
+isolating a decoder that crashes or hangs in a throw-away process."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +16,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import images
 from .config import Config, pixel_limit
-from .errors import ImageError, printable
-from .writer import RowMeta
+from .errors import ImageError, Interrupted, printable
+from .planning import Planner
+from .records import RowMeta
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -178,3 +182,41 @@ def read_sizes(refs: Sequence[images.ImageRef], workers: int) -> list[tuple[int,
         return [header_size(r) for r in refs]
     loader = DataLoader(_Headers(refs), batch_size=64, num_workers=workers, collate_fn=list)
     return [size for chunk in loader for size in chunk]
+
+
+def decoded_batches(refs: Sequence[images.ImageRef], planner: Planner, min_side: int,
+                    config: Config, *, workers: int, multiple: int, pin_memory: bool,
+                    caught: list[int]) -> Iterator[Batch]:  # fmt: skip
+    """The planner's batches of ``refs``, decoded by ``workers`` processes. A worker that
+    crashes or hangs (``decode_timeout``) is replaced: the batch it was working on is decoded
+    again one image at a time in throw-away processes, and the rest goes on. ``caught``: the
+    signals received so far (a worker lost to one ends the loop as ``Interrupted``)."""
+    dataset = DecodeDataset(refs, min_side, config)
+    while True:
+        loader = DataLoader(
+            dataset, batch_sampler=planner, num_workers=workers, collate_fn=Collate(multiple),
+            pin_memory=pin_memory, timeout=config.decode_timeout if workers else 0,
+            prefetch_factor=4 if workers else None, persistent_workers=False,
+            worker_init_fn=ignore_sigint,
+        )  # fmt: skip
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                if workers == 0 or "DataLoader" not in str(exc):
+                    raise
+                if caught:
+                    raise Interrupted(caught[0]) from None
+                log.warning("a decode worker failed (%s); isolating its images", exc)
+                break
+            planner.received()
+            yield batch
+        del batches  # shuts the remaining workers down (a hung one is terminated)
+        planner.rewind()
+        suspect = next(iter(planner))  # the first batch not received
+        planner.received()
+        yield collate([isolated_decode(refs[i], i, min_side, config) for i in suspect])
+

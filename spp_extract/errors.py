@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import signal
 
 
 def printable(text: str) -> str:
@@ -37,6 +38,15 @@ class OutputError(SppError):
     """The output cannot be written or continued (locked, disk full, inconsistent shards)."""
 
     exit_code = 1
+
+
+class Interrupted(SppError):
+    """SIGINT/SIGTERM: committed work is kept; the exit status is 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; work up to now is "
+                         "committed; rerun the same command with --resume to finish")  # fmt: skip
+        self.exit_code = 128 + signum
 
 
 class ImageError(Exception):

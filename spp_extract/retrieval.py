@@ -3,14 +3,14 @@ sample, the same transform for new vectors, exact cosine nearest neighbours.
 
 The transform, in this order (retrieval practice for MAC/SPoC/R-MAC/GeM descriptors):
 signed power -> L2 -> centre -> project -> whiten -> L2. Everything is read in row blocks
-(``writer.read_rows`` / ``writer.iter_features``), so memory depends on the block size, the
+(``reader.read_rows`` / ``reader.iter_features``), so memory depends on the block size, the
 sample and the output dimension, never on the number of rows; nothing needs a D x D matrix
 (D reaches 102,400): the principal axes come from the SVD of the centred sample itself, exact
 (``torch.linalg.svd``) when the sample's smaller side is small, randomised
 (``torch.svd_lowrank``, Halko et al. 2011) otherwise.
 
-This module and ``writer`` are the ones that know h5py: it writes its own files (a reduced
-copy, a neighbours file) with the writer's atomic helpers.
+It writes its own files (a reduced copy, a neighbours file) with the atomic helpers of
+``storage``.
 """
 
 from __future__ import annotations
@@ -32,16 +32,9 @@ from torch import Tensor
 
 from .config import Config
 from .errors import ConfigError, option, printable
-from .writer import (
-    _atomic_h5,
-    _block_rows,
-    _disk_error,
-    _finish_atomic,
-    check_sources,
-    identify,
-    read_rows,
-    shards_root,
-)
+from .reader import block_rows_for, read_rows
+from .storage import atomic_path, disk_error, finish_atomic, shards_root
+from .view import check_sources, identify
 
 Progress = Callable[[int, int], None]
 ORDER = "power -> l2 -> centre -> project -> whiten -> l2"
@@ -259,8 +252,7 @@ def _device(device: str | torch.device | None) -> torch.device:
     """The device by the extraction's own rules (``auto``: CUDA, then MPS, then CPU);
     ConfigError, one line, for a bad or unavailable one."""
     from .config import Config
-    from .pipeline import Dist
-    from .pipeline import _device as resolve_device
+    from .runtime import Dist, resolve_device
 
     return resolve_device(Config(device=str(device or "auto")), Dist())
 
@@ -335,7 +327,7 @@ def fit_projection(
         target = _device(device)
         index = _sample_index(n, rows, seed)
         x = torch.empty(rows, d, dtype=torch.float32, device=target)  # (sample, D)
-        for positions, block in read_rows(ds, index, _block_rows(d, ds.dtype.itemsize)):
+        for positions, block in read_rows(ds, index, block_rows_for(d, ds.dtype.itemsize)):
             x[positions[0] : positions[-1] + 1] = prepare(torch.from_numpy(block).to(target), power, l2)
             if progress is not None:
                 progress(int(positions[-1]) + 1, rows)
@@ -374,7 +366,7 @@ def project_file(
     _check_dest(source, dest, overwrite)
     check_projection(projection, attrs)
     target = _device(device)
-    tmp = _atomic_h5(dest)
+    tmp = atomic_path(dest)
     try:
         with h5py.File(source, "r", locking=False) as src, h5py.File(tmp, "w", locking=False) as out:
             features = src["features"]
@@ -382,7 +374,7 @@ def project_file(
             if d != projection.input_dim:
                 raise ConfigError(f"{source.name} has {d}-value vectors, the projection takes "
                                   f"{projection.input_dim}")  # fmt: skip
-            step = block_rows or _block_rows(d, features.dtype.itemsize)
+            step = block_rows or block_rows_for(d, features.dtype.itemsize)
             chunk = max(1, min(max(n, 1), (1 << 20) // (4 * projection.dim)))
             target_ds = out.create_dataset("features", shape=(n, projection.dim), dtype=np.float32,
                                            chunks=(chunk, projection.dim))  # fmt: skip
@@ -400,13 +392,13 @@ def project_file(
             if "shards" in out.attrs:
                 del out.attrs["shards"]
             _write_projection(out.create_group("reduce"), projection)
-        _finish_atomic(tmp, dest)
+        finish_atomic(tmp, dest)
     except ConfigError:
         tmp.unlink(missing_ok=True)
         raise
     except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
-        raise _disk_error(exc, dest, "nothing was written; free space or choose another "
+        raise disk_error(exc, dest, "nothing was written; free space or choose another "
                                      "destination, then run again") from None  # fmt: skip
     return n
 
@@ -548,7 +540,7 @@ def neighbors(
             raise ConfigError(f"k {k} is invalid for {path.name}: it has {n} rows, so each has at "
                               f"most {max(n - 1, 0)} neighbours; choose k from 1 to {max(n - 1, 0)}"
                               if n > 1 else f"{path.name} has {n} rows: nothing to compare")  # fmt: skip
-        step = block_rows or min(4096, _block_rows(d, 4))
+        step = block_rows or min(4096, block_rows_for(d, 4))
 
         def read(start: int) -> Tensor:
             return l2_normalize(torch.from_numpy(ds[start : start + step]).to(target).float())
@@ -609,7 +601,7 @@ def find_neighbors(
     with h5py.File(source, "r", locking=False) as src:
         if dest is not None:
             dest = Path(dest)
-            tmp = _atomic_h5(dest)
+            tmp = atomic_path(dest)
             try:
                 with h5py.File(tmp, "w", locking=False) as out:
                     group = out.create_group("neighbors")
@@ -620,10 +612,10 @@ def find_neighbors(
                     out.attrs.update(k=k, metric="cosine", source_file=source.name,
                                      ties="equal similarities: lower row first",
                                      config=str(src.attrs.get("config", "")))  # fmt: skip
-                _finish_atomic(tmp, dest)
+                finish_atomic(tmp, dest)
             except (OSError, RuntimeError) as exc:
                 tmp.unlink(missing_ok=True)
-                raise _disk_error(exc, dest, "nothing was written; free space or choose another "
+                raise disk_error(exc, dest, "nothing was written; free space or choose another "
                                              "destination, then run again") from None  # fmt: skip
         if pairs is not None:
             lo, hi, sims = pairs_above(found, threshold)
@@ -643,8 +635,8 @@ def _write_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
             writer = csv.writer(fh)
             writer.writerow(["path_a", "path_b", "similarity"])
             writer.writerows(rows)
-        _finish_atomic(tmp, path)
+        finish_atomic(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _disk_error(exc, path, "the pairs were not written; free space or choose another "
+        raise disk_error(exc, path, "the pairs were not written; free space or choose another "
                                      "file, then run again") from None  # fmt: skip

@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 
-from spp_extract import images, writer
+from spp_extract import images, shards, view
 from spp_extract.cli import main
 
 
@@ -58,22 +58,22 @@ def install(fault: str) -> None:
 
             return replace
 
-        writer.os.replace = replace_then_maybe_kill()  # type: ignore[attr-defined]
+        os.replace = replace_then_maybe_kill()
     elif name == "kill-after-commit":
         def after(original, self):  # noqa: ANN001, ANN202
             result = original(self)
             _kill()
             return result
 
-        writer.ShardWriter.commit = _count_then(int(arg), after, writer.ShardWriter.commit)
+        shards.ShardWriter.commit = _count_then(int(arg), after, shards.ShardWriter.commit)
     elif name == "kill-in-assemble":
-        original_finish = writer._finish_atomic
+        original_finish = view.finish_atomic
 
         def finish(tmp, path):  # noqa: ANN001, ANN202
             _kill()
             original_finish(tmp, path)
 
-        writer._finish_atomic = finish
+        view.finish_atomic = finish
     elif name in ("kill-in-put", "enospc-in-put"):
         class _Full:
             def __setitem__(self, _key, _value):  # noqa: ANN001, ANN204
@@ -88,7 +88,7 @@ def install(fault: str) -> None:
             finally:
                 shard._features = real
 
-        writer.ShardWriter.put = _count_then(int(arg), fault_put, writer.ShardWriter.put)
+        shards.ShardWriter.put = _count_then(int(arg), fault_put, shards.ShardWriter.put)
     elif name == "slow":
         original_decode = images.decode
 

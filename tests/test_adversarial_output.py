@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from spp_extract import Config, ConfigError, extract, merge, read_features
-from spp_extract.writer import shards_root
+from spp_extract.storage import shards_root
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
 CONFIG = Config(backbone="resnet18", weights="none", workers=0, batch_size=2, levels=(2, 1))

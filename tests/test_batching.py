@@ -77,7 +77,7 @@ def test_squeeze_excitation_backbone_falls_back_and_stays_exact(tmp_path, mixed_
     config = Config(backbone="mobilenet_v3_small", weights="none", batching="padded", batch_size=16, workers=0)
     trunk = build_trunk(config)
     assert not resolve_maskable(trunk)
-    with caplog.at_level(logging.INFO, logger="spp_extract.pipeline"):
+    with caplog.at_level(logging.INFO, logger="spp_extract"):
         extract([mixed_folder], tmp_path / "f.h5", config=config)
     assert "identical sizes only" in caplog.text
     data = read_features(tmp_path / "f.h5")
@@ -95,7 +95,7 @@ def test_out_of_memory_splits_the_batch_and_tiles_only_the_image_that_never_fits
             raise torch.OutOfMemoryError("simulated")
         return real_run(pixels, metas)
 
-    from spp_extract.writer import RowMeta
+    from spp_extract.records import RowMeta
 
     sizes = [(30, 40), (77, 77), (50, 20), (64, 64), (10, 10)]
     x, _, _ = _batch(sizes, 1)

@@ -15,7 +15,7 @@ from conftest import assert_same, fast_commits, keyed, photo
 from PIL import Image
 
 from spp_extract import merge, read_features
-from spp_extract.writer import shards_root
+from spp_extract.storage import shards_root
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
 FAILED = ["broken.png"]

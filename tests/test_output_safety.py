@@ -18,7 +18,8 @@ from conftest import keyed, photo, refuse_listing
 from PIL import Image
 
 from spp_extract import Config, ConfigError, OutputError, extract, merge, read_features
-from spp_extract.writer import OutputLock, shards_root
+from spp_extract.rundir import OutputLock
+from spp_extract.storage import shards_root
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
 CONFIG = Config(backbone="resnet18", weights="none", workers=0, batch_size=2)
@@ -238,7 +239,7 @@ def test_interrupted_run_leaves_a_partial_output_marked_incomplete(tmp_path, fol
     data = read_features(out)
     assert data.complete is False and 0 < len(data.paths) < 14
     assert not np.isnan(data.features).any()
-    from spp_extract.writer import summary
+    from spp_extract.reader import summary
 
     assert any("INCOMPLETE" in line for line in summary(out))
     assert _cli("none", folder, "-o", out, "--resume").returncode == 0

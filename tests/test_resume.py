@@ -16,7 +16,8 @@ from conftest import assert_same, fast_commits, keyed, photo
 from PIL import Image
 
 from spp_extract import Config, ConfigError, OutputError, extract, read_features
-from spp_extract.writer import OutputLock, shards_root
+from spp_extract.rundir import OutputLock
+from spp_extract.storage import shards_root
 
 RUNNER = Path(__file__).with_name("crash_runner.py")
 FAILED = ["broken.jpg"]

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import spp_extract
 from spp_extract import Config, ConfigError, read_features
 from spp_extract.cli import app
+from spp_extract.reader import iter_features
 from spp_extract.retrieval import (
     Neighbors,
     Projection,
@@ -29,7 +30,7 @@ from spp_extract.retrieval import (
     project_file,
     reduce,
 )
-from spp_extract.writer import ROW_FIELDS, iter_features
+from spp_extract.storage import ROW_FIELDS
 
 runner = CliRunner()
 FAST = Config(backbone="resnet18", weights="none", workers=0)

@@ -153,7 +153,7 @@ def _rows(path):  # noqa: ANN001, ANN202
 def test_image_over_max_memory_is_tiled_and_equals_the_untiled_row(tmp_path):
     from spp_extract import extract
     from spp_extract.memory import memory_model
-    from spp_extract.writer import summary
+    from spp_extract.reader import summary
 
     inputs = _images(tmp_path / "in", {"big": (300, 410), "small": (60, 70)})
     config = Config(backbone="vgg11", weights="none", workers=0)
@@ -176,7 +176,7 @@ def test_image_over_max_memory_is_tiled_and_equals_the_untiled_row(tmp_path):
 def test_untileable_backbone_over_max_memory_is_too_large_and_the_rest_done(tmp_path):
     from spp_extract import extract
     from spp_extract.memory import memory_model, show_size
-    from spp_extract.writer import read_features
+    from spp_extract.reader import read_features
 
     inputs = _images(tmp_path / "in", {"big": (300, 410), "small": (60, 70)})
     model = memory_model(_trunk("mobilenet_v3_small").module)
@@ -201,7 +201,7 @@ def _extractor(backbone, budget):  # noqa: ANN001, ANN202
 
 
 def _one(extractor, h, w, seed=0):  # noqa: ANN001, ANN202
-    from spp_extract.writer import RowMeta
+    from spp_extract.records import RowMeta
 
     pixels = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     meta = RowMeta(image_size=(h, w), input_size=(h, w))
@@ -291,7 +291,8 @@ def test_shards_without_tiles_read_as_zero(tmp_path):
     import h5py
 
     from spp_extract import extract
-    from spp_extract.writer import assemble, identify, shards_root
+    from spp_extract.storage import shards_root
+    from spp_extract.view import assemble, identify
 
     inputs = _images(tmp_path / "in", {"a": (40, 50), "b": (50, 40)})
     out = tmp_path / "out.h5"
@@ -314,7 +315,7 @@ import torch
 from spp_extract.backbones import build_trunk
 from spp_extract.compute import Extractor
 from spp_extract.config import Config
-from spp_extract.writer import RowMeta
+from spp_extract.records import RowMeta
 name, h, w = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 config = Config(backbone=name, weights="none")
 extractor = Extractor(build_trunk(config), config, torch.device("cpu"), padded=False)

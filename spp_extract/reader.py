@@ -1,0 +1,175 @@
+"""Reading spp-extract files: all of it, chosen rows, or block by block at any size; and the
+summary `spp-extract inspect` prints."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import printable
+from .view import check_sources
+
+
+@dataclass
+class Features:
+    """An spp-extract file in memory (``read_features``)."""
+
+    features: np.ndarray  # (N, D)
+    paths: list[str]
+    image_size: np.ndarray  # (N, 2) height, width
+    feature_map_size: np.ndarray  # (N, 2)
+    failed_paths: list[str]
+    failed_errors: list[str]
+    attrs: dict[str, Any]
+    complete: bool  # False: written by an interrupted run, rows so far only (resume it)
+
+
+RowSelection = slice | Sequence[int] | np.ndarray
+
+
+def _row_index(rows: RowSelection, n: int) -> np.ndarray:
+    """``rows`` (a slice, indices in any order, negative from the end, or a boolean mask of
+    length N) as an int64 array of row numbers in the caller's order."""
+    if isinstance(rows, slice):
+        return np.arange(n, dtype=np.int64)[rows]
+    index = np.asarray(rows)
+    if index.dtype == np.bool_:
+        if index.shape != (n,):
+            raise IndexError(f"a boolean row mask must have shape ({n},), not {index.shape}")
+        return np.flatnonzero(index)
+    if index.ndim != 1 or (index.size and not np.issubdtype(index.dtype, np.integer)):
+        raise IndexError(f"rows must be a slice, a 1-D array of row numbers or a mask, not {rows!r}")
+    index = index.astype(np.int64)
+    bad = (index < -n) | (index >= n)
+    if bad.any():
+        raise IndexError(f"row {int(index[bad][0])} is out of range for a file of {n} rows")
+    return np.where(index < 0, index + n, index)
+
+
+def read_rows(dataset: h5py.Dataset, index: np.ndarray, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Rows ``index`` (sorted, unique) of ``dataset`` as (positions in ``index``, rows) blocks
+    of at most ``block_rows`` file rows each. h5py wants increasing indices, and a fancy read
+    costs a selection per row: a dense run is read as one slice and picked from in memory."""
+    start = 0
+    while start < len(index):
+        first = int(index[start])
+        stop = int(np.searchsorted(index, first + block_rows, side="left"))
+        picked = index[start:stop]
+        last = int(picked[-1]) + 1
+        if len(picked) * 4 >= last - first:  # dense: one contiguous read
+            block = dataset[first:last][picked - first]
+        else:
+            block = dataset[picked]
+        yield np.arange(start, stop), block
+        start = stop
+
+
+def _take(dataset: h5py.Dataset, index: np.ndarray, block_rows: int) -> np.ndarray:
+    """``dataset[index]`` for any int64 ``index`` (unsorted, repeated), read in sorted blocks."""
+    unique, inverse = np.unique(index, return_inverse=True)
+    out = np.empty((len(unique), *dataset.shape[1:]), dtype=dataset.dtype)
+    for positions, block in read_rows(dataset, unique, block_rows):
+        out[positions] = block
+    return out[inverse]
+
+
+def block_rows_for(dim: int, itemsize: int, cap: int = 65536) -> int:
+    """Rows per block so that a block of features is at most about 256 MiB."""
+    return max(1, min(cap, (256 << 20) // max(1, dim * itemsize)))
+
+
+def read_features(path: str | os.PathLike[str], rows: RowSelection | None = None) -> Features:
+    """Load an spp-extract HDF5 file (view or merged) after checking its shards exist.
+
+    ``rows``: only these rows (a slice, row numbers in any order — read in sorted blocks and
+    returned in the order given — or a boolean mask); ``paths``, ``image_size`` and
+    ``feature_map_size`` follow them. The failure lists are always whole. ``None``: everything.
+    """
+    path = Path(path)
+    check_sources(path)
+    with h5py.File(path, "r", locking=False) as f:
+        if rows is None:
+            features = f["features"][:]
+            paths = list(f["paths"].asstr()[:])
+            image_size, feature_map_size = f["image_size"][:], f["feature_map_size"][:]
+        else:
+            ds = f["features"]
+            index = _row_index(rows, ds.shape[0])
+            step = block_rows_for(ds.shape[1], ds.dtype.itemsize)
+            features = _take(ds, index, step)
+            paths = list(_take(f["paths"], index, 1 << 20).astype(object))
+            paths = [p.decode("utf-8") if isinstance(p, bytes) else p for p in paths]
+            image_size = _take(f["image_size"], index, 1 << 20)
+            feature_map_size = _take(f["feature_map_size"], index, 1 << 20)
+        return Features(
+            features=features,
+            paths=paths,
+            image_size=image_size,
+            feature_map_size=feature_map_size,
+            failed_paths=list(f["failed/paths"].asstr()[:]),
+            failed_errors=list(f["failed/errors"].asstr()[:]),
+            attrs=dict(f.attrs),
+            complete=bool(f.attrs.get("complete", True)),
+        )
+
+
+def iter_features(path: str | os.PathLike[str], block_rows: int | None = None,
+                  ) -> Iterator[tuple[int, np.ndarray, list[str]]]:  # fmt: skip
+    """Blocks of an spp-extract file, in row order: ``(start, features[start:start+n],
+    paths[start:start+n])``, features as stored (float32 or float16). ``block_rows``: rows
+    per block (default: about 256 MiB of features, at most 65,536 rows). Memory stays at one
+    block whatever the file's size; the shards are checked first."""
+    path = Path(path)
+    check_sources(path)
+    with h5py.File(path, "r", locking=False) as f:
+        ds = f["features"]
+        n, dim = ds.shape
+        step = block_rows or block_rows_for(dim, ds.dtype.itemsize)
+        if step < 1:
+            raise ValueError(f"block_rows must be at least 1, not {block_rows}")
+        paths = f["paths"].asstr()
+        for start in range(0, n, step):
+            yield start, ds[start : start + step], list(paths[start : start + step])
+
+
+# what the run actually used, shown by `inspect` (the configuration may say "auto")
+_RECORDED = ("device", "batching", "world_size", "weights", "complete", "spp_extract_version",
+             "torch_version", "torchvision_version", "created")  # fmt: skip
+
+
+def summary(path: Path, rows: int = 3) -> list[str]:
+    """Human-readable lines for `spp-extract inspect` (call check_sources first)."""
+    with h5py.File(path, "r", locking=False) as f:
+        features = f["features"]
+        n, dim = features.shape
+        lines = [f"{path}: {n} images, {dim}-dim {features.dtype}, layout {f.attrs.get('layout', '?')}"]
+        if not f.attrs.get("complete", True):
+            lines.append("INCOMPLETE: written by an interrupted run; rerun it with --resume")
+        lines.append("configuration:")
+        lines += [f"  {line}" for line in str(f.attrs.get("config", "")).splitlines()]
+        for key in _RECORDED:
+            if key in f.attrs:
+                value = f.attrs[key]
+                lines.append(f"{key}: {str(value).lower() if isinstance(value, np.bool_ | bool) else value}")
+        failed = f["failed"]
+        lines.append(f"failures: {failed['paths'].shape[0]}")
+        for p, k, e in zip(failed["paths"].asstr()[:], failed["error_class"].asstr()[:],
+                           failed["errors"].asstr()[:], strict=True):  # fmt: skip
+            lines.append(f"  {printable(p)}: {k}: {printable(e)}")
+        paths = f["paths"].asstr()
+        tiles = f["tiles"][:] if "tiles" in f else np.zeros(n, np.int32)
+        if n:
+            lines.append(f"tiled: {int(np.count_nonzero(tiles))} of {n} images (over max_memory)")
+        for i in range(min(rows, n)):
+            head = ", ".join(f"{v:.4g}" for v in features[i][:4])
+            size = tuple(int(v) for v in f["image_size"][i])
+            fmap = tuple(int(v) for v in f["feature_map_size"][i])
+            tiled = f"  tiles {int(tiles[i])}" if tiles[i] else ""
+            lines.append(f"row {i}: {printable(paths[i])}  size {size}  map {fmap}{tiled}  [{head}, ...]")
+    return lines

@@ -1,0 +1,271 @@
+"""Run management, before and around the work: may this output be written (name, folder,
+what is there), the output lock, the run folder and its fingerprint, the inputs' listing.
+
+A run's shards live in ``<output>.shards/run-NNNNNN-<time>-<pid>/`` beside a ``run.toml``
+holding the values every resume must match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import logging
+import os
+import re
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import images
+from .backbones import ResolvedModel
+from .config import MODEL_KEYS, Config, to_toml
+from .errors import ConfigError, OutputError, option, printable
+from .shards import next_attempt, remove_partial
+from .storage import remove_stale_tmp, shards_root
+from .view import identify
+
+log = logging.getLogger(__name__)
+
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    # A forked child (a decode worker) shares the lock's open file description: closing its
+    # copies means a killed parent's lock is released at once, not when the last worker exits.
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+class OutputLock:
+    """One writer per output: an advisory lock on ``<output>.shards/.lock`` (released by the
+    kernel when the process dies, so a killed run never leaves a stale lock). Forked children
+    do not hold it."""
+
+    def __init__(self, output: Path) -> None:
+        self.path = shards_root(output) / ".lock"
+        self._fd: int | None = None
+        self.created_root = False  # the shards folder did not exist before acquire()
+
+    def acquire(self) -> None:
+        root = self.path.parent
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"'{root}' exists and is not a folder; move it away or choose another -o")
+        self.created_root = not root.exists()
+        root.mkdir(exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise OutputError(
+                f"another spp-extract run is writing this output (it holds {self.path}); wait "
+                "for it to finish or stop it first"
+            ) from None
+        self._fd = fd
+        _HELD_LOCKS.add(fd)
+
+    def release(self, *, remove_if_unused: bool = False) -> None:
+        """Release the lock; ``remove_if_unused``: also remove the shards folder if this run
+        created it and wrote nothing into it (a refusal must leave no trace)."""
+        if self._fd is None:
+            return
+        if remove_if_unused and self.created_root:
+            with contextlib.suppress(OSError):
+                if [p.name for p in self.path.parent.iterdir()] == [".lock"]:
+                    self.path.unlink()
+                    self.path.parent.rmdir()
+        _HELD_LOCKS.discard(self._fd)
+        os.close(self._fd)
+        self._fd = None
+
+
+
+def fingerprint(config: Config, resolved: ResolvedModel) -> dict[str, Any]:
+    """The resolved values that decide the vectors; a resumed run must match them all."""
+    values = {
+        "backbone": resolved.backbone, "layer": resolved.layer, "weights": resolved.weights_id,
+        "levels": list(config.levels), "pooling": config.pooling, "mean": list(resolved.mean),
+        "std": list(resolved.std), "dtype": config.dtype, "precision": config.precision,
+    }  # fmt: skip
+    assert set(values) | {"seed"} == set(MODEL_KEYS)
+    if config.weights == "none":
+        values["seed"] = config.seed  # random weights: the seed decides them
+    return values
+
+
+def resolved_config(config: Config, resolved: ResolvedModel) -> dict[str, Any]:
+    """The full configuration with defaults filled in (printed by `spp-extract config`)."""
+    values = config.to_dict()
+    values.update(layer=resolved.layer, mean=list(resolved.mean), std=list(resolved.std))
+    return values
+
+
+
+def _read_run_toml(run_dir: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads((run_dir / "run.toml").read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def _write_run_toml(run_dir: Path, fp: dict[str, Any], config: dict[str, Any]) -> None:
+    text = "# spp-extract run: the values every resume of this run must match\n"
+    text += "[fingerprint]\n" + to_toml(fp) + "\n[config]\n" + to_toml(config)
+    tmp = run_dir / "run.toml.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, run_dir / "run.toml")
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in new if old.get(key) != new.get(key)]
+
+
+def check_output_name(output: Path, resume: bool, overwrite: bool) -> None:
+    """What can be refused before anything is touched: the folder, the name."""
+    if resume and overwrite:
+        raise ConfigError(f"{option('resume')} and {option('overwrite')} exclude each other; pick one")
+    parent = output.parent
+    if not parent.is_dir():
+        raise ConfigError(f"output folder '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output folder '{parent}' is not writable; choose another output")
+    if output.is_dir():
+        raise ConfigError(f"output '{output}' is a directory; give a file name like features.h5")
+    name = os.fsencode(output.name)
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"output name '{printable(output.name)}' is not valid UTF-8 (HDF5 stores "
+                          "it inside the file); choose a UTF-8 name") from None  # fmt: skip
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = len(name) + len(".shards")
+    if longest > limit:
+        raise ConfigError(f"output name is {len(name)} bytes; its shards folder '{output.name[:20]}"
+                          f"....shards' would exceed this file system's {limit}-byte limit; "
+                          f"choose a name of at most {limit - 7} bytes")  # fmt: skip
+
+
+def check_existing(output: Path, resume: bool, overwrite: bool) -> bool:
+    """Under the output lock: may this run write here? Returns whether an output exists."""
+    root = shards_root(output)
+    if output.exists():
+        attrs = identify_output(output, resume, overwrite)
+        if resume and attrs.get("layout") == "merged":
+            raise ConfigError(
+                f"'{output}' is a merged, self-contained copy (layout = merged); "
+                f"{option('resume')} continues a run's own output (resume that and merge again), "
+                f"or pass {option('overwrite')} to start a new run here"
+            )
+    elif root.is_dir() and [p for p in root.iterdir() if p.name != ".lock"]:  # ours holds .lock
+        unexpected = [p.name for p in root.iterdir() if p.name != ".lock" and not p.name.startswith("run-")]
+        if unexpected:
+            raise ConfigError(
+                f"'{root}' holds files spp-extract did not write (first: "
+                f"{printable(unexpected[0])!r}); move them away or choose another output"
+            )
+    else:
+        return False
+    if not (resume or overwrite):
+        raise ConfigError(
+            f"output '{output}' already exists; pass {option('resume')} to continue it or "
+            f"{option('overwrite')} to replace it"
+        )
+    return output.exists()
+
+
+def identify_output(output: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
+    """An existing output must be this tool's; anything else is never replaced."""
+    try:
+        return identify(output)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc}; refusing to {'continue' if resume else 'replace' if overwrite else 'touch'} "
+            "it: move it away or choose another output"
+        ) from None
+
+
+_RUN = re.compile(r"^run-(\d{6})-")
+
+
+def _run_order(path: Path) -> tuple[int, str]:
+    # New runs are numbered (not timed: clocks and time zones move); older names sort first.
+    match = _RUN.match(path.name)
+    return (int(match.group(1)) if match else -1, path.name)
+
+
+def choose_run_dir(output: Path, fp: dict[str, Any], resume: bool) -> Path:
+    """The run to continue (newest, when resuming) or a new one. Raises on a mismatch."""
+    root = shards_root(output)
+    runs = sorted((p for p in root.glob("run-*") if p.is_dir()), key=_run_order) if root.is_dir() else []
+    if resume and runs:
+        run_dir = runs[-1]
+        old = _read_run_toml(run_dir).get("fingerprint", {})
+        diff = _differences(old, fp)
+        if diff:
+            raise ConfigError(
+                f"{option('resume')}: the configuration differs from the run in {run_dir.name} ("
+                + "; ".join(diff) + f"); use the same settings, or {option('overwrite')} to start again"
+            )
+        return run_dir
+    number = _run_order(runs[-1])[0] + 1 if runs else 0
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return root / f"run-{max(number, 0):06d}-{stamp}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Setup:
+    run_dir: Path
+    refs: list[images.ImageRef]
+    overlaps: int  # files named by more than one input (used once)
+    keep_old_output: bool  # --overwrite of an existing output: it stays until the new one is done
+
+
+def setup(inputs: Sequence[str | os.PathLike[str]], output: Path,
+          files_from: str | os.PathLike[str] | None, config: Config, fp: dict[str, Any],
+          lock: OutputLock | None, resume: bool, overwrite: bool) -> Setup:  # fmt: skip
+    """Rank 0, before anything is written: the output may be written, the inputs, the run."""
+    assert lock is not None
+    check_output_name(output, resume, overwrite)
+    lock.acquire()
+    existed = check_existing(output, resume, overwrite)
+    found = images.find_images(inputs, files_from=files_from,
+                               follow_symlinks=config.follow_symlinks)  # fmt: skip
+    if not found.refs:
+        raise ConfigError("no images found in the inputs (looked for "
+                          + ", ".join(sorted(images.IMAGE_EXTENSIONS)) + ")")  # fmt: skip
+    return Setup(choose_run_dir(output, fp, resume), found.refs, found.overlaps, overwrite and existed)
+
+
+def prepare(output: Path, run_dir: Path, fp: dict[str, Any], config: Config,
+            resolved: ResolvedModel) -> int:  # fmt: skip
+    """Rank 0: the run folder, cleaned of half-written files, with its run.toml; returns the
+    number of this attempt (shard names start with it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(output)  # a view or merge killed before its rename
+    if remove_partial(run_dir):
+        log.info("discarded half-written shards from an interrupted run")
+    _write_run_toml(run_dir, fp, resolved_config(config, resolved))
+    return next_attempt(run_dir)
+
+
+def unlisted(refs: Sequence[images.ImageRef]) -> list[bytes]:
+    """Path prefixes of folders that could not be listed: their earlier rows are kept. An
+    input folder that cannot be listed at all keeps every earlier row."""
+    return [b"" if os.path.normpath(r.key) == os.path.normpath(r.path) else r.key_bytes + b"/"
+            for r in refs if r.problem]  # fmt: skip
+
+
+def source_of(ref: images.ImageRef) -> bytes:
+    """Where the file is: a resume redoes a stored path that now names another file."""
+    return os.fsencode(os.path.abspath(ref.path))

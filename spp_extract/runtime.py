@@ -1,0 +1,207 @@
+"""Runtime decisions: the ranks, the device and what ``auto`` settles to (decode workers,
+compute threads, batching, memory limits), resolved once per run into a frozen ``Runtime``;
+and ``on_rank0``, the one way work done by rank 0 reaches every rank."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .backbones import Trunk
+from .compute import resolve_maskable
+from .config import AUTO, Config
+from .errors import ConfigError, OutputError, SppError, option, printable
+from .memory import MemoryModel, memory_budget, memory_model, module_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place under torchrun (``WORLD_SIZE`` etc.); one rank without it."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+                   int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))  # fmt: skip
+
+
+def resolve_device(config: Config, ctx: Dist) -> torch.device:
+    """``config.device`` (``auto``: CUDA, then MPS on one rank, then CPU), checked to exist."""
+    name = config.device
+    if name == AUTO:
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available() and not ctx.active:
+            name = "mps"
+        else:
+            name = "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available; use {option('device', 'cpu')}")
+        if name == "cuda":
+            name = f"cuda:{ctx.local_rank if ctx.active else 0}"
+        if int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} does not exist; {torch.cuda.device_count()} CUDA devices")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device 'mps' requested but MPS is not available; use {option('device', 'cpu')}")
+    return torch.device(name)
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def decode_workers(config: Config, device: torch.device, ctx: Dist) -> int:
+    if config.workers != AUTO:
+        return int(config.workers)
+    share = max(1, cores() // ctx.local_world)
+    if device.type == "cpu":
+        # Decoding takes ~10% of CPU compute; a worker would steal a core from compute threads.
+        return 0 if share <= 2 else max(1, share // 4)
+    return max(1, min(8, share - 1))
+
+
+def batch_limits(config: Config, device: torch.device, fit_pixels: int | None = None) -> tuple[int, int]:
+    """(images, pixels) per batch. ``fit_pixels``: the most pixels one forward may take within
+    the memory budget (``batch_pixels = auto`` stays within it)."""
+    gpu = device.type != "cpu"
+    size = config.batch_size if config.batch_size != AUTO else (64 if gpu else 8)
+    pixels = config.batch_pixels if config.batch_pixels != AUTO else (64 if gpu else 8) * 512 * 512
+    if config.batch_pixels == AUTO and fit_pixels is not None:
+        pixels = max(1, min(pixels, fit_pixels))
+    return int(size), int(pixels)
+
+
+def padded_batching(config: Config, device: torch.device, trunk: Trunk) -> bool:
+    """Whether mixed sizes share batches (masked padding): asked for (``auto``: on CUDA) and
+    exact for this trunk."""
+    padded = config.batching == "padded" or (config.batching == AUTO and device.type == "cuda")
+    if padded and not resolve_maskable(trunk):
+        log.info("%s cannot use masked padding (it has global ops); batching identical sizes only",
+                 config.backbone)  # fmt: skip
+        return False
+    return padded
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What one run uses, every ``auto`` resolved. Decided once, before any work (``resolve``),
+    then only read: by the run, by the output's attributes, by benchmarks."""
+
+    dist: Dist
+    device: torch.device
+    workers: int  # decode processes (0: decode in the main process)
+    threads: int  # torch compute threads (CPU)
+    padded: bool  # mixed sizes share batches (masked padding)
+    batch_size: int  # images per batch at most
+    batch_pixels: int  # padded pixels per batch at most
+    budget: int | None  # bytes one forward may use (max_memory); None: no limit
+    memory: MemoryModel  # peak bytes of one forward, by input size
+    tf32: bool  # TF32 matmuls/convolutions on CUDA (never in fp32 precision)
+
+    @classmethod
+    def resolve(cls, config: Config, trunk: Trunk, ctx: Dist | None = None,
+                device: torch.device | None = None) -> Runtime:  # fmt: skip
+        ctx = ctx or Dist.from_env()
+        device = device or resolve_device(config, ctx)
+        workers = decode_workers(config, device, ctx)
+        budget = memory_budget(config.max_memory, device, module_bytes(trunk.module))
+        memory = memory_model(trunk.module, config.precision, device.type)
+        size, pixels = batch_limits(config, device, memory.pixels_within(budget))
+        return cls(dist=ctx, device=device, workers=workers,
+                   threads=max(1, cores() // ctx.local_world - workers),
+                   padded=padded_batching(config, device, trunk), batch_size=size,
+                   batch_pixels=pixels, budget=budget, memory=memory,
+                   tf32=config.precision != "fp32")  # fmt: skip
+
+    def apply(self) -> None:
+        """Set this process up for the run (``process_settings_restored`` undoes it)."""
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+            torch.backends.cudnn.allow_tf32 = self.tf32
+            # Padded batches come in few shapes (64-px buckets), so autotuning pays; exact
+            # sizes would tune for every new shape.
+            torch.backends.cudnn.benchmark = self.padded
+
+
+@contextlib.contextmanager
+def process_settings_restored() -> Iterator[None]:
+    """A run sets compute threads, TF32/cuDNN flags and the CUDA device; the caller gets its
+    own back afterwards."""
+    threads = torch.get_num_threads()
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark)  # fmt: skip
+    cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = flags  # fmt: skip
+        if cuda_device is not None:
+            torch.cuda.set_device(cuda_device)
+
+
+T = TypeVar("T")
+
+
+def on_rank0(ctx: Dist, work: Callable[[], T]) -> T:
+    """Rank 0 does ``work``; every rank returns its result or raises the same error, so no
+    rank is left waiting in a collective after rank 0 failed. An OSError becomes an
+    OutputError (one line, exit 1); anything else unexpected is re-raised on rank 0 and
+    reported to the other ranks as an OutputError."""
+    result: Any = None
+    error: BaseException | None = None
+    if ctx.rank == 0:
+        try:
+            result = work()
+        except SppError as exc:
+            error = exc
+        except OSError as exc:
+            error = OutputError(f"cannot write the output ({printable(str(exc))})")
+        except BaseException as exc:
+            if not ctx.active:
+                raise
+            error = OutputError(f"rank 0 failed: {type(exc).__name__}: {printable(str(exc))}")
+            share(ctx, (None, error))
+            raise
+    if ctx.active:
+        result, error = share(ctx, (result, error))
+        if error is not None and ctx.rank != 0:
+            error.reported_by_rank0 = True  # type: ignore[attr-defined]  # rank 0 prints it
+    if error is not None:
+        raise error
+    return result
+
+
+def share(ctx: Dist, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
