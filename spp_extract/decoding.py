@@ -22,6 +22,8 @@ from .records import RowMeta
 
 log = logging.getLogger(__name__)
 
+PREFETCH = 4  # batches each decode worker prepares ahead
+
 
 @dataclass
 class Item:
@@ -196,7 +198,7 @@ def decoded_batches(refs: Sequence[images.ImageRef], planner: Planner, min_side:
         loader = DataLoader(
             dataset, batch_sampler=planner, num_workers=workers, collate_fn=Collate(multiple),
             pin_memory=pin_memory, timeout=config.decode_timeout if workers else 0,
-            prefetch_factor=4 if workers else None, persistent_workers=False,
+            prefetch_factor=PREFETCH if workers else None, persistent_workers=False,
             worker_init_fn=ignore_sigint,
         )  # fmt: skip
         batches = iter(loader)

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .config import MIN_MEMORY, memory_size
+from .decoding import PREFETCH
 from .tiling import meta_copy
 
 # Measured peak RSS growth of one forward / traced peak, CPU fp32, channels_last, inference
@@ -149,10 +150,23 @@ def available_bytes() -> int:
 CPU_SHARE, CUDA_SHARE = 0.5, 0.8
 
 
-def memory_budget(max_memory: str, device: torch.device, model_bytes: int = 0) -> int:
+# What decoding holds beside the forward, per decode worker: the worker process itself (an
+# allowance, not a measurement: a forked worker shares most pages with the main process) and
+# the batches it has decoded ahead (prefetch, uint8 RGB).
+WORKER_BYTES = 256 << 20
+
+
+def decode_bytes(workers: int, batch_pixels: int) -> int:
+    """Host memory the decoding side may hold at once: each worker and its prefetched batches,
+    and the batch the main process is working on."""
+    return workers * (WORKER_BYTES + PREFETCH * 3 * batch_pixels) + 3 * batch_pixels
+
+
+def memory_budget(max_memory: str, device: torch.device, model_bytes: int = 0,
+                  decoding: int = 0) -> int:  # fmt: skip
     """Bytes one forward (and the image it runs on) may use: ``max_memory``, or for ``auto`` a
     safe share of what is free when the run starts (host memory on CPU, device memory on
-    CUDA), less the model's own size."""
+    CUDA), less the model's own size and, on CPU, what decoding holds (``decode_bytes``)."""
     if max_memory != "auto":
         size = memory_size(max_memory)
         if size is None:
@@ -161,7 +175,7 @@ def memory_budget(max_memory: str, device: torch.device, model_bytes: int = 0) -
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return max(MIN_MEMORY, int(free * CUDA_SHARE))
-    return max(MIN_MEMORY, int(available_bytes() * CPU_SHARE) - model_bytes)
+    return max(MIN_MEMORY, int(available_bytes() * CPU_SHARE) - model_bytes - decoding)
 
 
 def module_bytes(module: nn.Module) -> int:

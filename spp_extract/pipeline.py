@@ -31,7 +31,14 @@ from .config import Config, to_toml
 from .errors import Interrupted, OutputError, SppError
 from .pooling import spp_dim
 from .runner import Failure, run_share
-from .runtime import Dist, Runtime, on_rank0, process_settings_restored, resolve_device
+from .runtime import (
+    Dist,
+    Runtime,
+    on_every_rank,
+    on_rank0,
+    process_settings_restored,
+    resolve_device,
+)
 from .storage import remove_tree, run_attrs, shards_root
 from .view import assemble
 
@@ -98,8 +105,8 @@ def _extract(inputs: Sequence[str | os.PathLike[str]], output: Path, config: Con
         # nothing can change the output between the check and the writing.
         setup = on_rank0(ctx, lambda: rundir.setup(inputs, output, files_from, config, fp, lock,
                                                    resume, overwrite))  # fmt: skip
-        trunk = build_trunk(config, resolved)  # loads weights: may still raise ConfigError
-        runtime = Runtime.resolve(config, trunk, ctx, device)
+        # Loads weights (may still raise ConfigError) and sizes memory, on every rank.
+        trunk, runtime = on_every_rank(ctx, lambda: _model(config, resolved, ctx, device))
         runtime.apply()
         # From here on, things are written; a signal is noted, and acted on between batches.
         caught = stack.enter_context(_signals())
@@ -128,6 +135,11 @@ def _extract(inputs: Sequence[str | os.PathLike[str]], output: Path, config: Con
         rows, failed = on_rank0(ctx, finish)
         return Result(output, rows, failed, dim, time.monotonic() - started, processed, failures,
                       setup.overlaps, runtime)  # fmt: skip
+
+
+def _model(config: Config, resolved: ResolvedModel, ctx: Dist, device: torch.device) -> tuple[Trunk, Runtime]:
+    trunk = build_trunk(config, resolved)
+    return trunk, Runtime.resolve(config, trunk, ctx, device)
 
 
 def _attrs(config: Config, resolved: ResolvedModel, trunk: Trunk, runtime: Runtime) -> dict[str, Any]:

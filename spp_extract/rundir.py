@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from . import images
 from .backbones import ResolvedModel
@@ -128,10 +128,18 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in new if old.get(key) != new.get(key)]
 
 
-def check_output_name(output: Path, resume: bool, overwrite: bool) -> None:
-    """What can be refused before anything is touched: the folder, the name."""
+RunMode = Literal["new", "resume", "overwrite"]
+
+
+def run_mode(resume: bool, overwrite: bool) -> RunMode:
+    """The caller's two switches as one value."""
     if resume and overwrite:
         raise ConfigError(f"{option('resume')} and {option('overwrite')} exclude each other; pick one")
+    return "resume" if resume else "overwrite" if overwrite else "new"
+
+
+def check_output_name(output: Path) -> None:
+    """What can be refused before anything is touched: the folder, the name."""
     parent = output.parent
     if not parent.is_dir():
         raise ConfigError(f"output folder '{parent}' does not exist; create it first")
@@ -156,12 +164,12 @@ def check_output_name(output: Path, resume: bool, overwrite: bool) -> None:
                           f"choose a name of at most {limit - 7} bytes")  # fmt: skip
 
 
-def check_existing(output: Path, resume: bool, overwrite: bool) -> bool:
+def check_existing(output: Path, mode: RunMode) -> bool:
     """Under the output lock: may this run write here? Returns whether an output exists."""
     root = shards_root(output)
     if output.exists():
-        attrs = identify_output(output, resume, overwrite)
-        if resume and attrs.get("layout") == "merged":
+        attrs = identify_output(output, mode)
+        if mode == "resume" and attrs.get("layout") == "merged":
             raise ConfigError(
                 f"'{output}' is a merged, self-contained copy (layout = merged); "
                 f"{option('resume')} continues a run's own output (resume that and merge again), "
@@ -176,7 +184,7 @@ def check_existing(output: Path, resume: bool, overwrite: bool) -> bool:
             )
     else:
         return False
-    if not (resume or overwrite):
+    if mode == "new":
         raise ConfigError(
             f"output '{output}' already exists; pass {option('resume')} to continue it or "
             f"{option('overwrite')} to replace it"
@@ -184,13 +192,13 @@ def check_existing(output: Path, resume: bool, overwrite: bool) -> bool:
     return output.exists()
 
 
-def identify_output(output: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
+def identify_output(output: Path, mode: RunMode) -> dict[str, Any]:
     """An existing output must be this tool's; anything else is never replaced."""
     try:
         return identify(output)
     except ConfigError as exc:
         raise ConfigError(
-            f"{exc}; refusing to {'continue' if resume else 'replace' if overwrite else 'touch'} "
+            f"{exc}; refusing to {dict(new='touch', resume='continue', overwrite='replace')[mode]} "
             "it: move it away or choose another output"
         ) from None
 
@@ -204,11 +212,11 @@ def _run_order(path: Path) -> tuple[int, str]:
     return (int(match.group(1)) if match else -1, path.name)
 
 
-def choose_run_dir(output: Path, fp: dict[str, Any], resume: bool) -> Path:
+def choose_run_dir(output: Path, fp: dict[str, Any], mode: RunMode) -> Path:
     """The run to continue (newest, when resuming) or a new one. Raises on a mismatch."""
     root = shards_root(output)
     runs = sorted((p for p in root.glob("run-*") if p.is_dir()), key=_run_order) if root.is_dir() else []
-    if resume and runs:
+    if mode == "resume" and runs:
         run_dir = runs[-1]
         old = _read_run_toml(run_dir).get("fingerprint", {})
         diff = _differences(old, fp)
@@ -236,15 +244,17 @@ def setup(inputs: Sequence[str | os.PathLike[str]], output: Path,
           lock: OutputLock | None, resume: bool, overwrite: bool) -> Setup:  # fmt: skip
     """Rank 0, before anything is written: the output may be written, the inputs, the run."""
     assert lock is not None
-    check_output_name(output, resume, overwrite)
+    mode = run_mode(resume, overwrite)
+    check_output_name(output)
     lock.acquire()
-    existed = check_existing(output, resume, overwrite)
+    existed = check_existing(output, mode)
     found = images.find_images(inputs, files_from=files_from,
                                follow_symlinks=config.follow_symlinks)  # fmt: skip
     if not found.refs:
         raise ConfigError("no images found in the inputs (looked for "
                           + ", ".join(sorted(images.IMAGE_EXTENSIONS)) + ")")  # fmt: skip
-    return Setup(choose_run_dir(output, fp, resume), found.refs, found.overlaps, overwrite and existed)
+    return Setup(choose_run_dir(output, fp, mode), found.refs, found.overlaps,
+                 mode == "overwrite" and existed)  # fmt: skip
 
 
 def prepare(output: Path, run_dir: Path, fp: dict[str, Any], config: Config,

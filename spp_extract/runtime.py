@@ -18,7 +18,7 @@ from .backbones import Trunk
 from .compute import resolve_maskable
 from .config import AUTO, Config
 from .errors import ConfigError, OutputError, SppError, option, printable
-from .memory import MemoryModel, memory_budget, memory_model, module_bytes
+from .memory import MemoryModel, decode_bytes, memory_budget, memory_model, module_bytes
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,9 @@ class Runtime:
         ctx = ctx or Dist.from_env()
         device = device or resolve_device(config, ctx)
         workers = decode_workers(config, device, ctx)
-        budget = memory_budget(config.max_memory, device, module_bytes(trunk.module))
+        _, planned_pixels = batch_limits(config, device)
+        budget = memory_budget(config.max_memory, device, module_bytes(trunk.module),
+                               decode_bytes(workers, planned_pixels))  # fmt: skip
         memory = memory_model(trunk.module, config.precision, device.type)
         size, pixels = batch_limits(config, device, memory.pixels_within(budget))
         return cls(dist=ctx, device=device, workers=workers,
@@ -195,6 +197,39 @@ def on_rank0(ctx: Dist, work: Callable[[], T]) -> T:
         result, error = share(ctx, (result, error))
         if error is not None and ctx.rank != 0:
             error.reported_by_rank0 = True  # type: ignore[attr-defined]  # rank 0 prints it
+    if error is not None:
+        raise error
+    return result
+
+
+def on_every_rank(ctx: Dist, work: Callable[[], T]) -> T:
+    """Every rank does ``work`` (loading weights, sizing memory); if it fails anywhere, every
+    rank raises, so no rank goes on into a collective that the failed one never joins. The
+    failing rank raises its own error; the others an error of the same kind naming it."""
+    error: BaseException | None = None
+    result: Any = None
+    try:
+        result = work()
+    except SppError as exc:
+        error = exc
+    except OSError as exc:
+        error = OutputError(printable(str(exc)))
+    except BaseException as exc:
+        if not ctx.active:
+            raise
+        error = exc
+    if ctx.active:
+        gathered: list[Any] = [None] * ctx.world
+        dist.all_gather_object(gathered, None if error is None else (type(error), str(error)))
+        failed = [(rank, e) for rank, e in enumerate(gathered) if e is not None]
+        if failed:
+            first, (kind, message) = failed[0]
+            if error is None:
+                error = (kind if kind in (ConfigError, OutputError) else OutputError)(f"rank {first}: {message}")
+            elif not isinstance(error, SppError):
+                raise error  # a bug: its traceback, on the rank that hit it
+            if ctx.rank != first:
+                error.reported_by_rank0 = True  # type: ignore[attr-defined]  # rank `first` prints it
     if error is not None:
         raise error
     return result

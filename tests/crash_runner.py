@@ -107,6 +107,17 @@ def install(fault: str) -> None:
             return original_build(*args, **kwargs)
 
         pipeline.build_trunk = slow_build
+    elif name == "build-fails-on-rank":
+        from spp_extract import ConfigError, pipeline
+
+        original = pipeline.build_trunk
+
+        def build_or_fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if os.environ.get("RANK") == arg:
+                raise ConfigError("weights file 'w.pt' does not exist on this machine")
+            return original(*args, **kwargs)
+
+        pipeline.build_trunk = build_or_fail
     elif name != "none":
         raise SystemExit(f"unknown fault {fault!r}")
 

@@ -97,7 +97,7 @@ def test_sigterm_under_torchrun_keeps_work(tmp_path, inputs, single):
     assert_same(keyed(out), single, FAILED)
 
 
-def _ranks_by_hand(inputs, out, *extra):
+def _ranks_by_hand(inputs, out, *extra, fault="none"):
     """Two ranks started without torchrun (which would kill the survivors of a failed rank),
     so each rank's own exit status and messages can be seen."""
     import socket
@@ -105,7 +105,7 @@ def _ranks_by_hand(inputs, out, *extra):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, str(RUNNER), "none", "--", "extract", str(inputs), "-o", str(out),
+    command = [sys.executable, str(RUNNER), fault, "--", "extract", str(inputs), "-o", str(out),
                *ARGS, *extra]  # fmt: skip
     processes = []
     for rank in range(2):
@@ -137,3 +137,18 @@ def test_an_error_on_rank0_ends_every_rank_with_one_line(tmp_path, inputs):
     lines = err0.strip().splitlines()
     assert len(lines) == 1 and "unreadable" in lines[0] and "--resume" in lines[0], err0
     assert err1.strip() == ""  # rank 0 reports it
+
+
+def test_a_model_error_on_one_rank_ends_every_rank_with_one_line(tmp_path, inputs):
+    """Rank 1 alone cannot build the model (weights missing on its machine): rank 0 must not
+    wait for it in a collective; the failing rank says why, once, and every rank exits 2."""
+    out = tmp_path / "out.h5"
+    started = time.monotonic()
+    (code0, err0), (code1, err1) = _ranks_by_hand(inputs, out, fault="build-fails-on-rank:1")
+    assert time.monotonic() - started < 60
+    assert code0 == code1 == 2, (err0, err1)
+    lines = err1.strip().splitlines()
+    assert len(lines) == 1 and "w.pt" in lines[0] and "does not exist" in lines[0], err1
+    assert err0.strip() == ""  # rank 1 reports it
+    assert not out.exists()
+

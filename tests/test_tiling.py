@@ -13,6 +13,7 @@ import torch
 from spp_extract.backbones import build_trunk
 from spp_extract.config import Config
 from spp_extract.pooling import spatial_pyramid_pool
+from spp_extract.runtime import Runtime
 from spp_extract.tiling import (
     NotTileable,
     meta_copy,
@@ -372,3 +373,23 @@ def test_a_budget_too_small_to_tile_sensibly_is_refused_not_crawled(tmp_path):
     data = read_features(out)
     assert data.paths == ["small.png"] and result.failed == 1
     assert "at least" in data.failed_errors[0] and "times over" in data.failed_errors[0]
+
+
+@pytest.mark.parametrize(("workers", "batch_pixels"), [(0, 8 * 512 * 512), (3, 1 << 20)])
+def test_auto_budget_leaves_room_for_the_model_and_decoding(monkeypatch, workers, batch_pixels):
+    """max_memory = auto on CPU: half of what is available, less the model and what decoding
+    holds (each worker and its prefetched batches, and the batch in hand)."""
+    from spp_extract import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 20 << 30)
+    decoding = memory.decode_bytes(workers, batch_pixels)
+    assert decoding == workers * (memory.WORKER_BYTES + 4 * 3 * batch_pixels) + 3 * batch_pixels
+    budget = memory.memory_budget("auto", torch.device("cpu"), 100 << 20, decoding)
+    assert budget == (10 << 30) - (100 << 20) - decoding
+    assert memory.memory_budget("1GB", torch.device("cpu"), 100 << 20, decoding) == 10**9
+    # the run's own decision uses it
+    config = Config(backbone="resnet18", weights="none", workers=workers, batch_pixels=batch_pixels)
+    runtime = Runtime.resolve(config, build_trunk(config), device=torch.device("cpu"))
+    model = memory.module_bytes(build_trunk(config).module)
+    assert runtime.budget == (10 << 30) - model - decoding
+    assert runtime.workers == workers and runtime.batch_pixels <= batch_pixels
