@@ -13,14 +13,13 @@ from torch import Tensor
 from .backbones import Trunk
 from .config import Config
 from .errors import ImageError
-from .masking import MaskedTrunk, can_mask, valid_mask
+from .masking import MaskedTrunk, maskable, meta_copy, valid_mask
 from .memory import MemoryModel, memory_model, show_size
 from .pooling import spatial_pyramid_pool, spp_dim
 from .tiling import (
     NotTileable,
     ReceptiveField,
     fitting_core,
-    meta_copy,
     normalising,
     output_size,
     plan_tiles,
@@ -44,6 +43,9 @@ class Extractor:
         runs out of memory is still retried tiled)."""
         self.trunk = trunk
         self.budget = budget
+        # Tiling is attempted on the trunks masking accepts (the same locality: each output
+        # cell a function of a bounded input window, zero padding); receptive_field's trace then
+        # checks every op and may still refuse (NotTileable).
         self.tileable = resolve_maskable(trunk)
         self._memory: MemoryModel | None = None
         self._field: ReceptiveField | None = None
@@ -263,4 +265,5 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def resolve_maskable(trunk: Trunk) -> bool:
-    return trunk.resolved.maskable and can_mask(trunk.module)
+    """Whether ``trunk`` may batch mixed sizes (masked padding) and be tiled: ``maskable``."""
+    return maskable(trunk.module)
