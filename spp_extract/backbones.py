@@ -18,7 +18,7 @@ import logging
 import os
 import urllib.parse
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +27,11 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models import get_model as _tv_get_model
 from torchvision.models import get_model_weights, list_models
+from torchvision.models.feature_extraction import get_graph_node_names
 
 from .config import Config
 from .errors import ConfigError, option, printable
+from .masking import maskable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ Chain = list[tuple[str, nn.Module]]
 
 class _GoogLeNetInput(nn.Module):
     """GoogLeNet/Inception-v3 ``transform_input``: their pretrained weights expect it."""
+
+    pointwise = True  # a per-channel affine map: masking.maskable lets it through
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -89,31 +93,28 @@ class Family:
     prefix: str
     chain: Callable[[nn.Module], Chain]
     default_layer: str
-    # Masked padding is exact only for trunks of local ops (conv, eval BN, pointwise, pooling
-    # as modules). Squeeze-excitation or functional pooling inside blocks rule it out.
-    maskable: bool
 
 
 # Order matters: the first prefix that matches a model name wins.
 FAMILIES = (
-    Family("resnet", _resnet, "layer4", True),
-    Family("resnext", _resnet, "layer4", True),
-    Family("wide_resnet", _resnet, "layer4", True),
-    Family("vgg", _attr("features"), "features", True),
-    Family("alexnet", _attr("features"), "features", True),
-    Family("densenet", _densenet, "relu", True),
-    Family("mobilenet_v2", _attr("features"), "features", True),
-    Family("mobilenet_v3", _attr("features"), "features", False),  # squeeze-excitation
-    Family("efficientnet", _attr("features"), "features", False),  # squeeze-excitation
-    Family("regnet_x", lambda m: _children(m, ["stem", "trunk_output"]), "trunk_output", True),
-    Family("regnet_y", lambda m: _children(m, ["stem", "trunk_output"]), "trunk_output", False),
-    Family("convnext", _attr("features"), "features", True),
-    Family("squeezenet", _attr("features"), "features", True),
+    Family("resnet", _resnet, "layer4"),
+    Family("resnext", _resnet, "layer4"),
+    Family("wide_resnet", _resnet, "layer4"),
+    Family("vgg", _attr("features"), "features"),
+    Family("alexnet", _attr("features"), "features"),
+    Family("densenet", _densenet, "relu"),
+    Family("mobilenet_v2", _attr("features"), "features"),
+    Family("mobilenet_v3", _attr("features"), "features"),
+    Family("efficientnet", _attr("features"), "features"),
+    Family("regnet_x", lambda m: _children(m, ["stem", "trunk_output"]), "trunk_output"),
+    Family("regnet_y", lambda m: _children(m, ["stem", "trunk_output"]), "trunk_output"),
+    Family("convnext", _attr("features"), "features"),
+    Family("squeezenet", _attr("features"), "features"),
     Family("shufflenet_v2", lambda m: _children(
-        m, ["conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"]), "conv5", True),
-    Family("mnasnet", _attr("layers"), "layers", True),
-    Family("googlenet", _googlenet, "inception5b", True),
-    Family("inception_v3", _inception3, "Mixed_7c", False),  # functional pooling in blocks
+        m, ["conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"]), "conv5"),
+    Family("mnasnet", _attr("layers"), "layers"),
+    Family("googlenet", _googlenet, "inception5b"),
+    Family("inception_v3", _inception3, "Mixed_7c"),
 )
 REFUSED = ("vit_", "swin_", "maxvit_")  # attention over fixed-size patch grids
 
@@ -170,6 +171,25 @@ def _layer_names(chain: Chain) -> list[str]:
     return names
 
 
+def _inside_a_block(model: nn.Module, layer: str, names: list[str]) -> str:
+    """For a ``layer`` that torchvision's graph of the model has (a node name such as
+    ``layer3.1.conv2``, or a module holding some) but that is no cut point: why, and where to cut."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "train and eval graphs differ" for some families
+        nodes = get_graph_node_names(model.eval())[1]
+    if not any(n == layer or n.startswith(f"{layer}.") for n in nodes):
+        return ""
+    block = max((n for n in names if layer.startswith(f"{n}.")), key=len, default="")
+    if not block:
+        return f"{layer!r} is in the model's graph but is no cut point; "
+    return (f"{layer!r} is inside {block!r}, which cannot be cut inside (its forward() is more "
+            f"than a chain of its children); cut at {block!r} or before it? ")  # fmt: skip
+
+
+# The trunk is the model's own named children in an nn.Sequential, not torchvision's
+# create_feature_extractor: that returns a graph module whose output is a dict (so a wrapper
+# would rename every state-dict key), and it could cut inside blocks whose masked and tiled
+# runs are not verified. The names are checked against torchvision's graph (_inside_a_block).
 def _cut(chain: Chain, layer: str) -> nn.Sequential:
     """The chain up to and including ``layer``, as one Sequential with the model's names."""
     head, _, rest = layer.partition(".")
@@ -188,11 +208,15 @@ def _cut(chain: Chain, layer: str) -> nn.Sequential:
     raise KeyError(layer)
 
 
-@contextlib.contextmanager
-def _empty_init() -> Iterator[None]:
-    """Build modules with parameters on the meta device (no memory, no init cost)."""
-    register_parameter = nn.Module.register_parameter
-    register_buffer = nn.Module.register_buffer
+def meta_model(name: str) -> nn.Module:
+    """The untrained model built on the meta device: no memory, no init cost; for names,
+    shapes and sizes."""
+    if not name.startswith("regnet"):
+        with torch.device("meta"):
+            return get_model(name, weights=None)
+    # RegNet's builder computes its stage widths with tensor ops and .tolist(), which fails on
+    # meta tensors; there the parameters are made on the CPU one at a time and moved.
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
 
     def parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register_parameter(self, name, param)
@@ -207,7 +231,7 @@ def _empty_init() -> Iterator[None]:
     nn.Module.register_parameter = parameter  # type: ignore[method-assign]
     nn.Module.register_buffer = buffer  # type: ignore[method-assign]
     try:
-        yield
+        return get_model(name, weights=None)
     finally:
         nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
         nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
@@ -223,7 +247,6 @@ class ResolvedModel:
     weights_id: str  # what identifies the values: the enum name, or the file's sha256
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    maskable: bool
 
 
 def _weights_enum(config: Config):  # noqa: ANN202 (torchvision WeightsEnum member)
@@ -257,13 +280,14 @@ def _sha256(path: Path) -> str:
 def resolve(config: Config) -> ResolvedModel:
     """Check backbone, layer and weights; fill in defaults. Raises ConfigError."""
     family = _check_backbone(config.backbone, _from_file(config, "backbone"))
-    with _empty_init():
-        chain = family.chain(get_model(config.backbone, weights=None))
+    model = meta_model(config.backbone)
+    chain = family.chain(model)
     layer = config.layer or family.default_layer
     names = _layer_names(chain)
     if layer not in names:
         close = difflib.get_close_matches(layer, names, n=3)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        hint = _inside_a_block(model, layer, names) or hint
         shown = ", ".join(names) if len(names) <= 40 else ", ".join(names[:40]) + ", ..."
         raise ConfigError(
             f"unknown layer {layer!r} for {config.backbone}"
@@ -290,7 +314,7 @@ def resolve(config: Config) -> ResolvedModel:
         mean, std = config.mean, config.std
     return ResolvedModel(
         config.backbone, layer, weights, weights_id,
-        tuple(float(v) for v in mean), tuple(float(v) for v in std), family.maskable,
+        tuple(float(v) for v in mean), tuple(float(v) for v in std),
     )  # fmt: skip
 
 
@@ -402,13 +426,11 @@ def describe(backbone: str, layer: str = "") -> tuple[str, int, bool]:
     """(resolved layer, channels, maskable) without weights or compute (meta device)."""
     family = _check_backbone(backbone)
     resolved = resolve(Config(backbone=backbone, layer=layer, weights="none"))
-    with _empty_init():
-        model = get_model(backbone, weights=None)
-    trunk = _cut(family.chain(model), resolved.layer).eval()
+    trunk = _cut(family.chain(meta_model(backbone)), resolved.layer).eval()
     probe = _probe(trunk, 224, 224)
     if probe is None:
         raise ConfigError(f"{backbone} {resolved.layer} does not accept a 224 px input")
-    return resolved.layer, probe[0], family.maskable
+    return resolved.layer, probe[0], maskable(trunk)
 
 
 def build_trunk(config: Config, resolved: ResolvedModel | None = None) -> Trunk:
@@ -443,8 +465,7 @@ def build_trunk(config: Config, resolved: ResolvedModel | None = None) -> Trunk:
         _load_file(model, trunk, Path(config.weights), config.backbone)
     trunk.eval().requires_grad_(False)
     # Sizes do not depend on weights: probe the same architecture built on the meta device.
-    with _empty_init():
-        meta = _cut(family.chain(get_model(config.backbone, weights=None)), resolved.layer)
+    meta = _cut(family.chain(meta_model(config.backbone)), resolved.layer)
     side = min_side(meta.eval())
     probe = _probe(meta, max(side, 224), max(side, 224))
     assert probe is not None  # min_side just proved some size works

@@ -13,7 +13,7 @@ from torch import Tensor
 from .backbones import Trunk
 from .config import Config
 from .errors import ImageError
-from .masking import MaskedTrunk, can_mask, valid_mask
+from .masking import MaskedTrunk, maskable, meta_copy, valid_mask
 from .memory import MemoryModel, memory_model, show_size
 from .pooling import spatial_pyramid_pool, spp_dim
 from .records import RowMeta
@@ -21,7 +21,6 @@ from .tiling import (
     NotTileable,
     ReceptiveField,
     fitting_core,
-    meta_copy,
     normalising,
     output_size,
     plan_tiles,
@@ -45,7 +44,10 @@ class Extractor:
         already made (``Runtime.memory``)."""
         self.trunk = trunk
         self.budget = budget
-        self.tileable = resolve_maskable(trunk)
+        # Tiling is attempted on the trunks masking accepts (the same locality: each output
+        # cell a function of a bounded input window, zero padding); receptive_field's trace then
+        # checks every op and may still refuse (NotTileable).
+        self.tileable = maskable(trunk.module)  # tiling is attempted on maskable trunks only
         self._memory = memory
         self._field: ReceptiveField | None = None
         self._meta: torch.nn.Module | None = None
@@ -261,7 +263,3 @@ def _out_of_memory(exc: BaseException) -> bool:
     return "DefaultCPUAllocator" in message or any(
         phrase in message.lower() for phrase in ("can't allocate memory", "not enough memory", "out of memory")
     )
-
-
-def resolve_maskable(trunk: Trunk) -> bool:
-    return trunk.resolved.maskable and can_mask(trunk.module)

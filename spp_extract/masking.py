@@ -17,31 +17,93 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.convnext import CNBlock, LayerNorm2d
+from torchvision.models.densenet import _DenseBlock, _DenseLayer
+from torchvision.models.googlenet import BasicConv2d as GoogLeNetConv
+from torchvision.models.googlenet import Inception
+from torchvision.models.mnasnet import _InvertedResidual as MNASNetBlock
+from torchvision.models.mobilenetv2 import InvertedResidual as MobileNetV2Block
+from torchvision.models.regnet import ResBottleneckBlock
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.shufflenetv2 import InvertedResidual as ShuffleNetBlock
+from torchvision.models.squeezenet import Fire
+from torchvision.ops import Permute, StochasticDepth
 
 Size = tuple[int, int]
 
 
 def _mixes_positions(module: nn.Module) -> bool:
+    """Whether the module reads neighbouring positions or its own padding (masked before it)."""
     if isinstance(module, nn.Conv2d):
-        return module.kernel_size != (1, 1)
+        padded = isinstance(module.padding, tuple) and any(module.padding)
+        return module.kernel_size != (1, 1) or padded
     return isinstance(module, (nn.MaxPool2d, nn.AvgPool2d))
 
 
-# Modules that look at the whole feature map: no mask makes them batch-independent.
-_GLOBAL = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.GroupNorm, nn.InstanceNorm2d,
-           nn.MultiheadAttention, nn.LocalResponseNorm)  # fmt: skip
+# An allow-list: only what has been checked exact under masking passes; anything else (squeeze-
+# excitation, adaptive or functional pooling, attention, group/instance norm, a block whose
+# forward() has not been read) refuses, so a new module can never be batched inexactly.
+_POINTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
+              nn.Tanh, nn.LeakyReLU, nn.Identity, LayerNorm2d)  # fmt: skip
+# Evaluation mode only: in training mode these use batch statistics or randomness.
+_POINTWISE_IN_EVAL = (nn.Dropout, nn.Dropout2d, StochasticDepth)
+# Blocks whose forward() only runs their children and adds, concatenates, splits or shuffles
+# channels: exact when their children are.
+_BLOCKS = (BasicBlock, Bottleneck, _DenseBlock, _DenseLayer, MobileNetV2Block, ResBottleneckBlock,
+           CNBlock, Fire, ShuffleNetBlock, MNASNetBlock, GoogLeNetConv, Inception)  # fmt: skip
+# Per-position only where the channels are the last axis: inside a ConvNeXt block, between its
+# two Permutes (Linear and LayerNorm over channels).
+_CHANNELS_LAST = (Permute, nn.LayerNorm, nn.Linear)
 
 
-def can_mask(trunk: nn.Module) -> bool:
-    """False when the trunk has a module whose output depends on the padded extent."""
-    for module in trunk.modules():
-        if isinstance(module, _GLOBAL):
-            return False
-        if isinstance(module, nn.AvgPool2d) and not module.count_include_pad and module.padding:
-            return False
-        if isinstance(module, nn.BatchNorm2d) and module.training:
-            return False
-    return True
+def _refusal(module: nn.Module, in_convnext_block: bool = False) -> str | None:
+    """Why ``module`` is not known to be exact under masked padding; None when it and all its
+    children are."""
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":  # reflect/replicate/circular: copies of the border
+            return f"{module} pads with {module.padding_mode!r}, not zeros"
+    elif isinstance(module, nn.AvgPool2d):
+        if module.ceil_mode:  # the last window's divisor depends on where the image ends
+            return f"{module} has ceil_mode=True"
+        if module.padding and not module.count_include_pad:
+            return f"{module} excludes its padding from the average"
+    elif isinstance(module, nn.BatchNorm2d):
+        if module.training or not module.track_running_stats:
+            return f"{module} normalises with the batch's statistics"
+    elif isinstance(module, _POINTWISE_IN_EVAL):
+        if module.training:
+            return f"{module} is in training mode"
+    elif isinstance(module, _CHANNELS_LAST) and not isinstance(module, LayerNorm2d):
+        if not in_convnext_block:
+            return f"{module} outside a ConvNeXt block may mix positions"
+    elif not (isinstance(module, (nn.MaxPool2d, *_POINTWISE, *_BLOCKS))
+              or type(module).forward is nn.Sequential.forward
+              or getattr(type(module), "pointwise", False) is True):  # fmt: skip
+        return f"{type(module).__name__} is not known to be exact under masking"
+    inner = in_convnext_block or isinstance(module, CNBlock)
+    for child in module.children():
+        if (reason := _refusal(child, inner)) is not None:
+            return reason
+    return None
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """The same architecture on the meta device, in eval mode, for sizes, fields and memory
+    traces; no parameter or buffer is copied (each is mapped straight to its meta twin)."""
+    memo: dict[int, object] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        meta = t.to("meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo).eval()
+
+
+def maskable(trunk: nn.Module) -> bool:
+    """Whether ``trunk`` gives each image of a masked padded batch exactly its own result: the
+    one decision on masked padding (``MaskedTrunk`` refuses other trunks). Tiling rests on the
+    same locality and is attempted only on maskable trunks (see ``compute``).
+
+    A module may declare itself per-position with a class attribute ``pointwise = True``."""
+    return _refusal(trunk) is None
 
 
 def valid_mask(sizes: Tensor, height: int, width: int) -> Tensor:
@@ -56,9 +118,11 @@ class MaskedTrunk:
     """Runs a trunk on a padded batch so that each image's result equals its own run."""
 
     def __init__(self, trunk: nn.Module) -> None:
+        if (reason := _refusal(trunk)) is not None:
+            raise ValueError(f"masked padding would not be exact for this trunk: {reason}")
         self.trunk = trunk
         self.points = [m for m in trunk.modules() if _mixes_positions(m)]
-        self._meta = copy.deepcopy(trunk).to("meta")
+        self._meta = meta_copy(trunk)
         self._meta_points = [m for m in self._meta.modules() if _mixes_positions(m)]
         # side length -> valid sizes along that axis: (in, out) at each point, then final
         self._rows: dict[int, tuple[int, ...]] = {}

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 
 from .backbones import Trunk
-from .compute import resolve_maskable
 from .config import AUTO, Config
 from .errors import ConfigError, OutputError, SppError, option, printable
+from .masking import maskable
 from .memory import MemoryModel, decode_bytes, memory_budget, memory_model, module_bytes
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def padded_batching(config: Config, device: torch.device, trunk: Trunk) -> bool:
     """Whether mixed sizes share batches (masked padding): asked for (``auto``: on CUDA) and
     exact for this trunk."""
     padded = config.batching == "padded" or (config.batching == AUTO and device.type == "cuda")
-    if padded and not resolve_maskable(trunk):
+    if padded and not maskable(trunk.module):
         log.info("%s cannot use masked padding (it has global ops); batching identical sizes only",
                  config.backbone)  # fmt: skip
         return False

@@ -21,7 +21,6 @@ grid, shifted.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .masking import valid_mask
+from .masking import meta_copy, valid_mask
 from .pooling import PoolingMode
 
 Span = tuple[int, int]  # [start, stop)
@@ -186,11 +185,6 @@ def _union(fields: Sequence[ReceptiveField]) -> ReceptiveField:
     for f in fields[1:]:
         rows, cols = rows.union(f.rows), cols.union(f.cols)
     return ReceptiveField(rows, cols)
-
-
-def meta_copy(module: nn.Module) -> nn.Module:
-    """The same architecture on the meta device (no memory): for sizes and fields."""
-    return copy.deepcopy(module).to("meta").eval()
 
 
 def receptive_field(module: nn.Module, probe: int = 512) -> ReceptiveField:

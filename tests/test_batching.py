@@ -9,8 +9,8 @@ from PIL import Image
 
 from spp_extract import Config, extract, read_features
 from spp_extract.backbones import build_trunk
-from spp_extract.compute import Extractor, resolve_maskable
-from spp_extract.masking import MaskedTrunk
+from spp_extract.compute import Extractor
+from spp_extract.masking import MaskedTrunk, maskable
 
 # odd and tiny sizes; several share a 64-px bucket so they really are padded together
 SIZES = [(1, 1), (3, 50), (17, 33), (40, 64), (64, 64), (33, 5), (65, 70), (100, 128), (127, 99),
@@ -76,7 +76,7 @@ def test_padded_runs_end_to_end_match_per_image(tmp_path, mixed_folder, backbone
 def test_squeeze_excitation_backbone_falls_back_and_stays_exact(tmp_path, mixed_folder, caplog):
     config = Config(backbone="mobilenet_v3_small", weights="none", batching="padded", batch_size=16, workers=0)
     trunk = build_trunk(config)
-    assert not resolve_maskable(trunk)
+    assert not maskable(trunk.module)
     with caplog.at_level(logging.INFO, logger="spp_extract"):
         extract([mixed_folder], tmp_path / "f.h5", config=config)
     assert "identical sizes only" in caplog.text
