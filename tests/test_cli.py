@@ -4,7 +4,6 @@ import io
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import h5py
 import pytest
 import torch
 import typer
-from conftest import photo
+from conftest import photo, run_python
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -158,9 +157,7 @@ def test_backbones_command_lists_dims():
 
 
 def test_python_dash_m_works(tmp_path, example_dir):
-    done = subprocess.run([sys.executable, "-m", "spp_extract", "extract", str(example_dir),
-                           "-o", str(tmp_path / "out.h5"), *FAST], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = run_python("-m", "spp_extract", "extract", example_dir, "-o", tmp_path / "out.h5", *FAST)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out.h5").is_file()
 
@@ -221,8 +218,7 @@ def test_help_and_version_import_no_torch_and_the_api_still_imports():
         "from spp_extract import extract, Config, read_features, SpatialPyramidPooling, merge, spp_dim\n"
         "assert 'torch' in sys.modules and callable(extract) and spp_dim(2, (2, 1)) == 10\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    done = run_python("-c", code, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 
 

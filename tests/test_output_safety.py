@@ -6,21 +6,18 @@ import multiprocessing
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import keyed, photo, refuse_listing
+from conftest import CRASH_RUNNER, keyed, photo, refuse_listing, run_python
 from PIL import Image
 
 from spp_extract import Config, ConfigError, OutputError, extract, merge, read_features
 from spp_extract.writer import OutputLock, shards_root
 
-RUNNER = Path(__file__).with_name("crash_runner.py")
 CONFIG = Config(backbone="resnet18", weights="none", workers=0, batch_size=2)
 ARGS = ["--backbone", "resnet18", "--weights", "none", "--workers", "0", "--batch-size", "2", "-q"]
 
@@ -35,11 +32,7 @@ def folder(tmp_path: Path) -> Path:
 
 
 def _cli(fault: str, *args: object, wait: bool = True):
-    command = [sys.executable, str(RUNNER), fault, "--", "extract", *map(str, args), *ARGS]
-    env = {**os.environ, "PYTHONPATH": str(RUNNER.parent.parent)}
-    if not wait:
-        return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return run_python(CRASH_RUNNER, fault, "--", "extract", *args, *ARGS, wait=wait)
 
 
 # ----------------------------------------------------------------------------- one writer

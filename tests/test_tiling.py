@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import assert_vectors_close, run_python
 
 from spp_extract.backbones import build_trunk
 from spp_extract.config import Config
@@ -27,10 +28,6 @@ from spp_extract.tiling import (
 @functools.cache
 def _trunk(backbone: str):  # noqa: ANN202
     return build_trunk(Config(backbone=backbone, weights="none"))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 # (backbone, input size, tiles per side): sizes are not multiples of the stride; the first of
@@ -64,7 +61,7 @@ def test_tiled_equals_whole_image(backbone, size, grid):
         tiled = tiled_trunk(trunk.module, x, plan)
     assert tiled.shape == whole.shape
     torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
-    assert _rel(tiled, whole) <= 1e-4
+    assert_vectors_close(tiled, whole, rel=1e-4)  # and the norm bound the README states
 
 
 @pytest.mark.parametrize("mode", ["max", "avg"])
@@ -338,15 +335,8 @@ print(estimate, status("VmHWM:") - base)
 @pytest.mark.parametrize(("backbone", "h", "w"), [("resnet50", 1500, 2000), ("vgg16", 1200, 1700),
                                                   ("resnet18", 1400, 1400)])  # fmt: skip
 def test_memory_estimate_is_within_25_percent_of_measured_peak_rss(backbone, h, w):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "2"}
-    done = subprocess.run([sys.executable, "-c", _MEASURE, backbone, str(h), str(w)], env=env,
-                          capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    done = run_python("-c", _MEASURE, backbone, h, w, env={"OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-2000:]
     estimate, measured = (int(v) for v in done.stdout.split())
     assert abs(estimate - measured) <= 0.25 * measured, (estimate / 1e9, measured / 1e9)
 
