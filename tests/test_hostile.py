@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import photo, reference_vector, rel_err
+from conftest import assert_vectors_close, photo, reference_vector
 from PIL import Image
 
 from spp_extract import Config, ImageError, decoding, extract, images, read_features
@@ -50,7 +50,8 @@ def test_decoder_crash_and_hang_in_workers_become_failures(tmp_path, folder, mon
     trunk = build_trunk(CONFIG)
     data = read_features(out)
     for row, path in enumerate(data.paths):  # every good row still matches its image
-        assert rel_err(data.features[row], reference_vector(trunk, folder / path, (4, 2, 1))) < 1e-4
+        assert_vectors_close(data.features[row], reference_vector(trunk, folder / path, (4, 2, 1)),
+                             rel=1e-4, err_msg=path)  # fmt: skip
 
 
 def test_non_utf8_file_names_are_stored_losslessly(tmp_path):
@@ -217,4 +218,5 @@ def test_a_crashing_decoder_sharing_its_batch_with_same_size_images(tmp_path, mo
     data = read_features(out)
     assert data.paths == ["a.png", "b.png", "d.png", "e.png"]
     for row, path in enumerate(data.paths):
-        assert rel_err(data.features[row], reference_vector(trunk, folder / path, (4, 2, 1))) < 1e-4
+        assert_vectors_close(data.features[row], reference_vector(trunk, folder / path, (4, 2, 1)),
+                             rel=1e-4, err_msg=path)  # fmt: skip
