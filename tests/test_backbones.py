@@ -17,6 +17,7 @@ from spp_extract.backbones import (
 )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_every_family_has_models_and_a_valid_default_layer():
     names = supported_backbones()
     for family in FAMILIES:
@@ -77,6 +78,7 @@ def test_default_weights_offline_without_cache_names_the_cache_file(tmp_path):
     assert str(expected).startswith(os.environ["TORCH_HOME"])
 
 
+@pytest.mark.slow
 def test_default_weights_come_from_torchvisions_cache(tmp_path):
     """The real DEFAULT path: a state dict placed under torchvision's own file name."""
     torch.manual_seed(5)
@@ -97,6 +99,7 @@ def test_default_weights_come_from_torchvisions_cache(tmp_path):
     assert read_features(tmp_path / "f.h5").attrs["weights"] == "ResNet18_Weights.IMAGENET1K_V1"
 
 
+@pytest.mark.slow
 def test_trunk_only_state_dict_is_accepted(tmp_path):
     torch.manual_seed(9)
     full = build_trunk(Config(backbone="resnet18", weights="none", layer="layer3", seed=9))
@@ -156,6 +159,7 @@ def test_missing_weights_file():
         resolve(Config(backbone="resnet18", weights="/nope/w.pt"))
 
 
+@pytest.mark.slow
 def test_minimum_sides():
     assert build_trunk(Config(backbone="resnet18", weights="none")).min_side == 1
     assert build_trunk(Config(backbone="vgg11", weights="none")).min_side == 32

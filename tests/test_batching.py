@@ -12,6 +12,8 @@ from spp_extract.backbones import build_trunk
 from spp_extract.compute import Extractor, resolve_maskable
 from spp_extract.masking import MaskedTrunk
 
+pytestmark = pytest.mark.slow  # every test runs models or starts processes (> 1 s each)
+
 # odd and tiny sizes; several share a 64-px bucket so they really are padded together
 SIZES = [(1, 1), (3, 50), (17, 33), (40, 64), (64, 64), (33, 5), (65, 70), (100, 128), (127, 99),
          (31, 31), (80, 120)]  # fmt: skip

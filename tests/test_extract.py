@@ -32,6 +32,7 @@ def _check_against_reference(out: Path, config: Config, example_dir: Path) -> No
         assert tuple(data.image_size[row]) == tuple(decoded.pixels.shape[1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "backbone, levels, pooling",
     [("resnet18", (4, 2, 1), "max"), ("vgg11", (6, 3, 2, 1), "avg")],
@@ -44,6 +45,7 @@ def test_rows_equal_each_image_alone(tmp_path, example_dir, backbone, levels, po
     _check_against_reference(out, config, example_dir)
 
 
+@pytest.mark.slow
 def test_state_dict_file_weights(tmp_path, example_dir):
     torch.manual_seed(123)
     model = get_model("resnet18", weights=None)
@@ -84,6 +86,7 @@ def test_vectors_do_not_depend_on_batch_size_workers_or_batching(tmp_path, examp
         assert_vectors_close(data.features[row], base.features[row], rel=1e-4, err_msg=base.paths[row])
 
 
+@pytest.mark.slow
 def test_file_layout_and_attributes(tmp_path, example_dir):
     config = Config(backbone="resnet18", weights="none", dtype="float16", levels=(2, 1), workers=0)
     out = tmp_path / "f.h5"

@@ -17,6 +17,8 @@ from PIL import Image
 from spp_extract import Config, ConfigError, OutputError, extract, read_features
 from spp_extract.writer import OutputLock, shards_root
 
+pytestmark = pytest.mark.slow  # every test runs models or starts processes (> 1 s each)
+
 FAILED = ["broken.jpg"]
 ARGS = ["--backbone", "resnet18", "--weights", "none", "--workers", "0", "--batch-size", "2", "-q"]
 
