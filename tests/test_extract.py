@@ -117,6 +117,7 @@ def test_file_layout_and_attributes(tmp_path, example_dir):
         assert modes["cmyk.jpg"] == "CMYK" and modes["deep_16bit.png"] == "I;16"
 
 
+@pytest.mark.slow
 def test_rows_are_sorted_and_keyed_by_relative_path(tmp_path, example_dir):
     out = tmp_path / "f.h5"
     extract([example_dir / "sub", example_dir / "landscape.jpg"], out,
@@ -132,6 +133,7 @@ def test_rows_are_sorted_and_keyed_by_relative_path(tmp_path, example_dir):
     assert "sub/nested.bmp" in paths and len(paths) == 12 and result.overlaps == 1
 
 
+@pytest.mark.slow
 def test_extract_leaves_the_callers_process_as_it_found_it(tmp_path, example_dir):
     from PIL import ImageFile
 

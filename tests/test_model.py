@@ -9,6 +9,7 @@ from spp_extract import Config, ConfigError, SppModel, create_model, extract, re
 from spp_extract.pooling import spp_dim
 
 
+@pytest.mark.slow
 def test_embed_equals_the_files_rows(tmp_path, example_dir):
     out = tmp_path / "f.h5"
     extract([example_dir], out, config=Config(backbone="resnet18", weights="none", workers=0,
@@ -28,6 +29,7 @@ def test_embed_equals_the_files_rows(tmp_path, example_dir):
         assert_vectors_close(vector, data.features[row], rel=1e-4, err_msg=data.paths[row])
 
 
+@pytest.mark.slow
 def test_the_module_and_its_facts():
     model = create_model("vgg11", weights="none", levels=(2, 1), pooling="avg")
     assert isinstance(model, SppModel) and isinstance(model, torch.nn.Module)
