@@ -13,6 +13,9 @@ FAULT is one of:
   slow-build:SECONDS  loading the model takes this much longer (a race with another run)
   rank=N/FAULT        FAULT in torchrun rank N only
   none
+
+With SPP_TEST_EXIT_DIR set, each process writes its exit status to that folder, in a file
+named rank<RANK> (torchrun does not report the statuses of ranks it was told to stop).
 """
 
 from __future__ import annotations
@@ -131,4 +134,12 @@ if __name__ == "__main__":
     assert sys.argv[2] == "--"
     sys.argv = ["spp-extract", *sys.argv[3:]]
     install(fault)
-    main()
+    try:
+        main()
+    except SystemExit as exc:  # click ends every run, good or bad, with sys.exit
+        if exit_dir := os.environ.get("SPP_TEST_EXIT_DIR"):
+            code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+            path = os.path.join(exit_dir, f"rank{os.environ.get('RANK', '0')}")
+            with open(path, "w") as f:
+                f.write(str(code))
+        raise

@@ -5,6 +5,7 @@ never a traceback."""
 import math
 import tomllib
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -50,6 +51,7 @@ def _names_a_key(message: str, keys: list[str]) -> bool:
     return any(k in message or repr(k) in message or repr(k)[1:-1] in message for k in keys)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=_items, raw=st.lists(_raw, max_size=1))
 def test_random_config_files_give_a_config_or_one_line_naming_the_key(tmp_path_factory, data, raw):

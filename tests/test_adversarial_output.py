@@ -7,12 +7,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_same, fast_commits, keyed, photo
+from conftest import CRASH_RUNNER, assert_same, fast_commits, keyed, photo, run_python
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -20,7 +19,6 @@ from PIL import Image
 from spp_extract import Config, ConfigError, extract, merge, read_features
 from spp_extract.storage import shards_root
 
-RUNNER = Path(__file__).with_name("crash_runner.py")
 CONFIG = Config(backbone="resnet18", weights="none", workers=0, batch_size=2, levels=(2, 1))
 
 
@@ -64,11 +62,9 @@ FAULTS = ["kill-in-commit", "kill-after-commit", "kill-in-put", "kill-in-assembl
 
 
 def _cli(fault: str, folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(RUNNER), fault, "--", "extract", str(folder), "-o", str(out),
-               "--backbone", "resnet18", "--weights", "none", "--workers", "0", "--batch-size",
-               "2", "--levels", "2,1", "-q", "--config", str(fast_commits(out.parent)), *extra]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(RUNNER.parent.parent)}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return run_python(CRASH_RUNNER, fault, "--", "extract", folder, "-o", out, "--backbone",
+                      "resnet18", "--weights", "none", "--workers", "0", "--batch-size", "2",
+                      "--levels", "2,1", "-q", "--config", fast_commits(out.parent), *extra)  # fmt: skip
 
 
 @pytest.mark.slow

@@ -4,13 +4,15 @@ import logging
 
 import pytest
 import torch
-from conftest import loop_spp, photo, reference_vector, rel_err
+from conftest import assert_vectors_close, loop_spp, photo, reference_vector, rel_err
 from PIL import Image
 
 from spp_extract import Config, extract, read_features
 from spp_extract.backbones import build_trunk
 from spp_extract.compute import Extractor
 from spp_extract.masking import MaskedTrunk, maskable
+
+pytestmark = pytest.mark.slow  # every test runs models or starts processes (> 1 s each)
 
 # odd and tiny sizes; several share a 64-px bucket so they really are padded together
 SIZES = [(1, 1), (3, 50), (17, 33), (40, 64), (64, 64), (33, 5), (65, 70), (100, 128), (127, 99),
@@ -37,7 +39,7 @@ def test_masked_padding_equals_per_image_and_plain_padding_does_not(backbone):
     with torch.inference_mode():
         out, finals = masked(x, inputs)
         plain = trunk.module(x)
-        worst_masked = worst_plain = 0.0
+        worst_plain = 0.0
         for i, img in enumerate(images):
             alone = torch.zeros(3, *inputs[i])
             alone[:, : img.shape[1], : img.shape[2]] = img
@@ -45,9 +47,9 @@ def test_masked_padding_equals_per_image_and_plain_padding_does_not(backbone):
             assert tuple(ref_map.shape[-2:]) == finals[i]
             h, w = finals[i]
             ref = loop_spp(ref_map, levels, "max").numpy()
-            worst_masked = max(worst_masked, rel_err(loop_spp(out[i, :, :h, :w], levels, "max").numpy(), ref))
+            assert_vectors_close(loop_spp(out[i, :, :h, :w], levels, "max").numpy(), ref, rel=1e-4,
+                                 err_msg=f"image {i}, {inputs[i]}")  # fmt: skip
             worst_plain = max(worst_plain, rel_err(loop_spp(plain[i, :, :h, :w], levels, "max").numpy(), ref))
-    assert worst_masked <= 1e-4
     assert worst_plain > 1e-2  # zero padding alone is not exact: keep the masks
 
 
@@ -70,7 +72,8 @@ def test_padded_runs_end_to_end_match_per_image(tmp_path, mixed_folder, backbone
     for row, name in enumerate(data.paths):
         h, w = (int(v) for v in name.removesuffix(".png").split("_")[-1].split("x"))
         assert tuple(data.image_size[row]) == (h, w)  # rows stay aligned with their paths
-        assert rel_err(data.features[row], reference_vector(trunk, mixed_folder / name, (4, 2, 1))) <= 1e-4
+        assert_vectors_close(data.features[row], reference_vector(trunk, mixed_folder / name, (4, 2, 1)),
+                             rel=1e-4, err_msg=name)  # fmt: skip
 
 
 def test_squeeze_excitation_backbone_falls_back_and_stays_exact(tmp_path, mixed_folder, caplog):
@@ -82,7 +85,8 @@ def test_squeeze_excitation_backbone_falls_back_and_stays_exact(tmp_path, mixed_
     assert "identical sizes only" in caplog.text
     data = read_features(tmp_path / "f.h5")
     for row, name in enumerate(data.paths):
-        assert rel_err(data.features[row], reference_vector(trunk, mixed_folder / name, (4, 2, 1))) <= 1e-4
+        assert_vectors_close(data.features[row], reference_vector(trunk, mixed_folder / name, (4, 2, 1)),
+                             rel=1e-4, err_msg=name)  # fmt: skip
 
 
 def test_out_of_memory_splits_the_batch_and_tiles_only_the_image_that_never_fits(monkeypatch):
@@ -109,4 +113,4 @@ def test_out_of_memory_splits_the_batch_and_tiles_only_the_image_that_never_fits
     # _run; a failure of the tiles too is tested in test_tiling.py.
     assert metas[1].tiles > 1
     for i in (0, 1, 2, 3, 4):
-        assert rel_err(results[i].numpy(), whole[i].numpy()) <= 1e-4
+        assert_vectors_close(results[i].numpy(), whole[i].numpy(), rel=1e-4, err_msg=f"image {i}")

@@ -4,7 +4,6 @@ import io
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import h5py
 import pytest
 import torch
 import typer
-from conftest import photo
+from conftest import photo, run_python
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -105,6 +104,7 @@ def test_unwritable_output_folder(tmp_path, example_dir, monkeypatch):
     assert not any(locked.iterdir())
 
 
+@pytest.mark.slow
 def test_extract_summary_then_existing_output_is_refused(tmp_path, example_dir):
     out = tmp_path / "out.h5"
     result = _run("extract", example_dir, "-o", out, *FAST[:-1])
@@ -119,6 +119,7 @@ def test_extract_summary_then_existing_output_is_refused(tmp_path, example_dir):
     assert 'backbone = "resnet18"' in result.output
 
 
+@pytest.mark.slow
 def test_hostile_folder_records_failures_and_strict_exits_1(tmp_path, example_dir):
     folder = tmp_path / "in"
     shutil.copytree(example_dir, folder)
@@ -150,6 +151,7 @@ def test_config_command_prints_resolved_toml(tmp_path):
     assert "mean = [0.485, 0.456, 0.406]" in result.output
 
 
+@pytest.mark.slow
 def test_backbones_command_lists_dims():
     result = _run("backbones", "--levels", "2,1")
     assert result.exit_code == 0
@@ -157,10 +159,9 @@ def test_backbones_command_lists_dims():
     assert "layer4" in line and "2048" in line and str(2048 * 5) in line
 
 
+@pytest.mark.slow
 def test_python_dash_m_works(tmp_path, example_dir):
-    done = subprocess.run([sys.executable, "-m", "spp_extract", "extract", str(example_dir),
-                           "-o", str(tmp_path / "out.h5"), *FAST], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = run_python("-m", "spp_extract", "extract", example_dir, "-o", tmp_path / "out.h5", *FAST)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out.h5").is_file()
 
@@ -208,6 +209,7 @@ def test_version():
     assert result.exit_code == 0 and result.output.strip() == "spp-extract 0.1.0"
 
 
+@pytest.mark.slow
 def test_help_and_version_import_no_torch_and_the_api_still_imports():
     code = (
         "import sys\n"
@@ -221,8 +223,7 @@ def test_help_and_version_import_no_torch_and_the_api_still_imports():
         "from spp_extract import extract, Config, read_features, SpatialPyramidPooling, merge, spp_dim\n"
         "assert 'torch' in sys.modules and callable(extract) and spp_dim(2, (2, 1)) == 10\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    done = run_python("-c", code, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -256,6 +257,7 @@ def test_progress_draws_only_on_a_terminal_and_only_with_work():
     assert quiet.stream.getvalue() == ""
 
 
+@pytest.mark.slow
 def test_summary_strict_quiet_and_escaped_file_names(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -391,6 +393,7 @@ def test_inspect_and_merge_refuse_what_is_not_an_output_in_one_line(tmp_path, ma
     assert not (tmp_path / "m.h5").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "dest, fragment",
     [(lambda f: f.parent / "nodir" / "m.h5", "does not exist"),
@@ -406,6 +409,7 @@ def test_merge_refuses_bad_destinations_in_one_line(finished, dest, fragment):
     assert not (finished.parent / "f.h5.shards" / "m.h5").exists()
 
 
+@pytest.mark.slow
 def test_inspect_refuses_a_truncated_shard(tmp_path, example_dir):
     out = tmp_path / "f.h5"
     assert _run("extract", example_dir, "-o", out, *FAST).exit_code == 0
@@ -418,6 +422,7 @@ def test_inspect_refuses_a_truncated_shard(tmp_path, example_dir):
     assert len(lines) == 1 and "cannot be read" in lines[0] and "--resume" in lines[0]
 
 
+@pytest.mark.slow  # its fixture runs an extraction
 def test_inspect_shows_what_the_run_used(finished):
     result = _run("inspect", finished)
     assert result.exit_code == 0

@@ -1,23 +1,21 @@
 """torchrun on CPU (gloo): rows equal a single-process run; a dead rank is redone on resume."""
 
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import assert_same, fast_commits, keyed, photo
+from conftest import CRASH_RUNNER, TORCHRUN, assert_same, fast_commits, keyed, photo, run_python
 from PIL import Image
 
 from spp_extract import merge, read_features
 from spp_extract.storage import shards_root
 
-RUNNER = Path(__file__).with_name("crash_runner.py")
+pytestmark = pytest.mark.slow  # every test runs models or starts processes (> 1 s each)
+
 FAILED = ["broken.png"]
 ARGS = ["--backbone", "resnet18", "--weights", "none", "--workers", "0", "--batch-size", "2", "-q"]
 
@@ -32,13 +30,11 @@ def inputs(tmp_path_factory, example_dir):
     return folder
 
 
-def _run(inputs, out, *extra, fault="none", nproc=2):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={nproc}"] if nproc else [sys.executable]  # fmt: skip
-    command = [*launcher, str(RUNNER), fault, "--", "extract", str(inputs), "-o", str(out), *ARGS,
-               "--config", str(fast_commits(out.parent)), *extra]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(RUNNER.parent.parent)}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+def _run(inputs, out, *extra, fault="none", nproc=2, wait=True, env=None):
+    launcher = [*TORCHRUN, f"--nproc-per-node={nproc}"] if nproc else []
+    return run_python(*launcher, CRASH_RUNNER, fault, "--", "extract", inputs, "-o", out, *ARGS,
+                      "--config", fast_commits(out.parent), *extra, wait=wait, env=env,
+                      timeout=600)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -78,23 +74,46 @@ def test_a_dead_rank_is_redone_on_resume(tmp_path, inputs, single):
 
 
 def test_sigterm_under_torchrun_keeps_work(tmp_path, inputs, single):
+    """torchrun passes SIGTERM on to its ranks: each stops between batches, keeps what it has
+    committed, says how to resume and exits 128 + SIGTERM; --resume then finishes the run."""
     out = tmp_path / "out.h5"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    command = [*launcher, str(RUNNER), "slow:0.2", "--", "extract", str(inputs), "-o", str(out),
-               *ARGS, "--config", str(fast_commits(tmp_path))]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(RUNNER.parent.parent)}
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    import time
+    exits = tmp_path / "exits"
+    exits.mkdir()
+    process = _run(inputs, out, fault="slow:0.2", wait=False,
+                   env={"SPP_TEST_EXIT_DIR": str(exits)})  # fmt: skip
+
+    def ranks_with_shards() -> set[str]:
+        return {rank for p in shards_root(out).rglob("a*.h5") for rank in ("-r0000-", "-r0001-")
+                if rank in p.name}  # fmt: skip
 
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(shards_root(out).rglob("a*.h5"))) < 2:
+    while process.poll() is None and time.monotonic() < deadline and len(ranks_with_shards()) < 2:
         time.sleep(0.05)
+    committed = {p: p.read_bytes() for p in shards_root(out).rglob("a*.h5")}
+    assert process.poll() is None, f"the run ended before the signal: {process.communicate()[1]}"
+    assert len(ranks_with_shards()) == 2, "not every rank committed work in time"
     process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=120)
-    assert process.returncode != 0
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError("torchrun did not stop after SIGTERM") from None
+    # Every rank exits 143, as Interrupted defines it; torchrun itself (its agent raises
+    # SignalException) exits 1.
+    assert {p.name: p.read_text() for p in exits.iterdir()} == {"rank0": "143", "rank1": "143"}, stderr
+    assert process.returncode == 1, stderr
+    assert stderr.count("interrupted by SIGTERM") == 2, stderr
+    assert stderr.count("rerun the same command with --resume") == 2, stderr
+    assert "resume with: " in stderr and "--resume" in stderr.split("resume with: ", 1)[1], stderr
+    # the work committed before the signal is still there, untouched, and the view says
+    # the run is not finished
+    assert all(p.read_bytes() == data for p, data in committed.items())
+    partial = read_features(out)
+    assert not partial.complete and len(partial.paths) < len(single["rows"])
     resumed = _run(inputs, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same(keyed(out), single, FAILED)
+    assert all(p.read_bytes() == data for p, data in committed.items())  # reused, not redone
 
 
 def _ranks_by_hand(inputs, out, *extra, fault="none"):
@@ -105,14 +124,12 @@ def _ranks_by_hand(inputs, out, *extra, fault="none"):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, str(RUNNER), fault, "--", "extract", str(inputs), "-o", str(out),
-               *ARGS, *extra]  # fmt: skip
     processes = []
     for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": str(RUNNER.parent.parent), "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-        processes.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True))
+        processes.append(run_python(CRASH_RUNNER, fault, "--", "extract", inputs, "-o", out, *ARGS,
+                                    *extra, env=env, wait=False))  # fmt: skip
     results = []
     for process in processes:
         try:

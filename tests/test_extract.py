@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import reference_vector, rel_err
+from conftest import assert_vectors_close, reference_vector, rel_err
 from torchvision.models import get_model
 
 from spp_extract import Config, extract, images, read_features
@@ -27,11 +27,12 @@ def _check_against_reference(out: Path, config: Config, example_dir: Path) -> No
     assert data.features.shape == (len(EXPECTED), trunk.channels * sum(n * n for n in config.levels))
     for row, name in enumerate(data.paths):
         expected = reference_vector(trunk, example_dir / name, config.levels, config.pooling)
-        assert rel_err(data.features[row], expected) <= 1e-4, name
+        assert_vectors_close(data.features[row], expected, rel=1e-4, err_msg=name)
         decoded = images.decode(str(example_dir / name), max_pixels=10**9)
         assert tuple(data.image_size[row]) == tuple(decoded.pixels.shape[1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "backbone, levels, pooling",
     [("resnet18", (4, 2, 1), "max"), ("vgg11", (6, 3, 2, 1), "avg")],
@@ -44,6 +45,7 @@ def test_rows_equal_each_image_alone(tmp_path, example_dir, backbone, levels, po
     _check_against_reference(out, config, example_dir)
 
 
+@pytest.mark.slow
 def test_state_dict_file_weights(tmp_path, example_dir):
     torch.manual_seed(123)
     model = get_model("resnet18", weights=None)
@@ -59,22 +61,32 @@ def test_state_dict_file_weights(tmp_path, example_dir):
     assert rel_err(read_features(tmp_path / "none.h5").features, seeded) > 0.1
 
 
-def test_vectors_do_not_depend_on_batch_size_workers_or_batching(tmp_path, example_dir):
-    results = {}
-    for batch_size, workers, batching in [(1, 0, "same-size"), (8, 0, "same-size"),
-                                          (8, 2, "same-size"), (8, 2, "padded")]:  # fmt: skip
-        config = Config(backbone="resnet18", weights="none", batch_size=batch_size,
-                        workers=workers, batching=batching)  # fmt: skip
-        out = tmp_path / f"b{batch_size}-w{workers}-{batching}.h5"
-        extract([example_dir], out, config=config)
-        results[(batch_size, workers, batching)] = read_features(out)
-    base = results[(1, 0, "same-size")]
-    for data in results.values():
-        assert data.paths == base.paths
-        for row in range(len(base.paths)):
-            assert rel_err(data.features[row], base.features[row]) <= 1e-4, base.paths[row]
+@pytest.fixture(scope="module")
+def one_image_a_batch(tmp_path_factory, example_dir):
+    """The baseline the batched runs are compared with: batch size 1, no workers."""
+    out = tmp_path_factory.mktemp("one_a_batch") / "b1-w0-same-size.h5"
+    extract([example_dir], out, config=Config(backbone="resnet18", weights="none", batch_size=1, workers=0))
+    return read_features(out)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "batch_size, workers, batching",
+    [(8, 0, "same-size"), (8, 2, "same-size"), (8, 2, "padded")],
+)
+def test_vectors_do_not_depend_on_batch_size_workers_or_batching(tmp_path, example_dir, one_image_a_batch,
+                                                                 batch_size, workers, batching):  # fmt: skip
+    config = Config(backbone="resnet18", weights="none", batch_size=batch_size, workers=workers,
+                    batching=batching)  # fmt: skip
+    out = tmp_path / f"b{batch_size}-w{workers}-{batching}.h5"
+    extract([example_dir], out, config=config)
+    data, base = read_features(out), one_image_a_batch
+    assert data.paths == base.paths
+    for row in range(len(base.paths)):
+        assert_vectors_close(data.features[row], base.features[row], rel=1e-4, err_msg=base.paths[row])
+
+
+@pytest.mark.slow
 def test_file_layout_and_attributes(tmp_path, example_dir):
     config = Config(backbone="resnet18", weights="none", dtype="float16", levels=(2, 1), workers=0)
     out = tmp_path / "f.h5"
@@ -105,6 +117,7 @@ def test_file_layout_and_attributes(tmp_path, example_dir):
         assert modes["cmyk.jpg"] == "CMYK" and modes["deep_16bit.png"] == "I;16"
 
 
+@pytest.mark.slow
 def test_rows_are_sorted_and_keyed_by_relative_path(tmp_path, example_dir):
     out = tmp_path / "f.h5"
     extract([example_dir / "sub", example_dir / "landscape.jpg"], out,
@@ -120,6 +133,7 @@ def test_rows_are_sorted_and_keyed_by_relative_path(tmp_path, example_dir):
     assert "sub/nested.bmp" in paths and len(paths) == 12 and result.overlaps == 1
 
 
+@pytest.mark.slow
 def test_extract_leaves_the_callers_process_as_it_found_it(tmp_path, example_dir):
     from PIL import ImageFile
 

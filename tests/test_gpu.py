@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import reference_vector, rel_err
+from conftest import assert_vectors_close, reference_vector, rel_err
 
 from spp_extract import Config, extract, read_features
 from spp_extract.backbones import build_trunk
@@ -20,7 +20,8 @@ def test_padded_batches_on_gpu_equal_per_image_cpu_runs(tmp_path, example_dir, b
     assert data.attrs["device"] == "cuda" and data.attrs["batching"] == "padded"
     trunk = build_trunk(config.replace(device="cpu"))
     for row, name in enumerate(data.paths):
-        assert rel_err(data.features[row], reference_vector(trunk, example_dir / name, (4, 2, 1))) <= 1e-4, name
+        assert_vectors_close(data.features[row], reference_vector(trunk, example_dir / name, (4, 2, 1)),
+                             rel=1e-4, err_msg=name)  # fmt: skip
 
 
 def test_bf16_is_close_but_opt_in(tmp_path, example_dir):

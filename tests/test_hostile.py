@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import photo, reference_vector, rel_err
+from conftest import assert_vectors_close, photo, reference_vector
 from PIL import Image
 
 from spp_extract import Config, ImageError, decoding, extract, images, read_features
@@ -30,6 +30,7 @@ def _failed(out):
         return dict(zip(f["failed/paths"].asstr()[:], f["failed/error_class"].asstr()[:], strict=True))
 
 
+@pytest.mark.slow
 def test_decoder_crash_and_hang_in_workers_become_failures(tmp_path, folder, monkeypatch):
     Image.fromarray(photo(40, 40)).save(folder / "crash.png")
     Image.fromarray(photo(40, 40)).save(folder / "hang.png")
@@ -50,7 +51,8 @@ def test_decoder_crash_and_hang_in_workers_become_failures(tmp_path, folder, mon
     trunk = build_trunk(CONFIG)
     data = read_features(out)
     for row, path in enumerate(data.paths):  # every good row still matches its image
-        assert rel_err(data.features[row], reference_vector(trunk, folder / path, (4, 2, 1))) < 1e-4
+        assert_vectors_close(data.features[row], reference_vector(trunk, folder / path, (4, 2, 1)),
+                             rel=1e-4, err_msg=path)  # fmt: skip
 
 
 def test_non_utf8_file_names_are_stored_losslessly(tmp_path):
@@ -67,6 +69,7 @@ def test_non_utf8_file_names_are_stored_losslessly(tmp_path):
     assert read_features(out).features.shape[0] == 2
 
 
+@pytest.mark.slow
 def test_file_vanishing_mid_run_is_recorded(tmp_path, folder, monkeypatch):
     real_read_size = images.read_size
 
@@ -82,6 +85,7 @@ def test_file_vanishing_mid_run_is_recorded(tmp_path, folder, monkeypatch):
     assert (result.images, result.failed) == (11, 1)
 
 
+@pytest.mark.slow
 def test_an_unexpected_decoder_exception_is_a_record(tmp_path, folder, monkeypatch):
     real_decode = images.decode
 
@@ -112,6 +116,7 @@ def _solo(trunk, path):
     return reference_vector(trunk, path, CONFIG.levels), tuple(fmap.shape[-2:])
 
 
+@pytest.mark.slow
 def test_an_image_whose_decoded_size_differs_from_its_batch_gets_its_own_vector(tmp_path):
     # Planned as three 64x64 images (header scan); one decodes to 48x80 (replaced since, or an
     # orientation the header reader saw differently). Unmasked trunk: no padding may reach it.
@@ -129,6 +134,7 @@ def test_an_image_whose_decoded_size_differs_from_its_batch_gets_its_own_vector(
         assert meta.feature_map_size == fmap_size, path.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("error", [
     RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "
                  "you tried to allocate 123456789 bytes. Error code 12 (Cannot allocate memory)"),
@@ -183,6 +189,7 @@ def test_other_runtime_errors_are_not_taken_for_out_of_memory(tmp_path):
         extractor(batch.pixels, batch.metas)
 
 
+@pytest.mark.slow
 def test_isolated_decode_returns_the_pixels_with_the_dataloader_imported(tmp_path):
     import torch.utils.data  # noqa: F401 - as in a run: torch's fd-passing pickler is registered
 
@@ -196,6 +203,7 @@ def test_isolated_decode_returns_the_pixels_with_the_dataloader_imported(tmp_pat
         assert torch.equal(item.pixels, want)
 
 
+@pytest.mark.slow
 def test_a_crashing_decoder_sharing_its_batch_with_same_size_images(tmp_path, monkeypatch):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -217,4 +225,5 @@ def test_a_crashing_decoder_sharing_its_batch_with_same_size_images(tmp_path, mo
     data = read_features(out)
     assert data.paths == ["a.png", "b.png", "d.png", "e.png"]
     for row, path in enumerate(data.paths):
-        assert rel_err(data.features[row], reference_vector(trunk, folder / path, (4, 2, 1))) < 1e-4
+        assert_vectors_close(data.features[row], reference_vector(trunk, folder / path, (4, 2, 1)),
+                             rel=1e-4, err_msg=path)  # fmt: skip

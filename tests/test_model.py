@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import assert_vectors_close
 from PIL import Image
 
 from spp_extract import Config, ConfigError, SppModel, create_model, extract, read_features
 from spp_extract.pooling import spp_dim
 
 
+@pytest.mark.slow
 def test_embed_equals_the_files_rows(tmp_path, example_dir):
     out = tmp_path / "f.h5"
     extract([example_dir], out, config=Config(backbone="resnet18", weights="none", workers=0,
@@ -19,15 +20,16 @@ def test_embed_equals_the_files_rows(tmp_path, example_dir):
     got = model.embed(pictures).numpy()
     # the tool's documented exactness: <= 1e-4 relative per vector (the CLI runs channels-last)
     for row, path in enumerate(data.paths):
-        assert rel_err(got[row], data.features[row]) <= 1e-4, path
+        assert_vectors_close(got[row], data.features[row], rel=1e-4, err_msg=path)
     # uint8 tensors, mixed sizes, one at a time: the same
     from spp_extract.images import decode
 
     tensors = [decode(str(example_dir / p), max_pixels=10**9).pixels for p in data.paths[:3]]
     for row, vector in enumerate(model.embed(tensors).numpy()):
-        assert rel_err(vector, data.features[row]) <= 1e-4
+        assert_vectors_close(vector, data.features[row], rel=1e-4, err_msg=data.paths[row])
 
 
+@pytest.mark.slow
 def test_the_module_and_its_facts():
     model = create_model("vgg11", weights="none", levels=(2, 1), pooling="avg")
     assert isinstance(model, SppModel) and isinstance(model, torch.nn.Module)
@@ -40,8 +42,11 @@ def test_the_module_and_its_facts():
     assert tiny.shape == (1, model.dim) and torch.isfinite(tiny).all()
 
 
-def test_bad_choices_are_config_errors():
-    with pytest.raises(ConfigError, match="unknown backbone"):
-        create_model("resnet5", weights="none")
-    with pytest.raises(ConfigError, match="pooling"):
-        create_model("resnet18", weights="none", pooling="median")  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    "backbone, pooling, message",
+    [("resnet5", "max", "unknown backbone"), ("resnet18", "median", "pooling")],
+    ids=["backbone", "pooling"],
+)
+def test_bad_choices_are_config_errors(backbone, pooling, message):
+    with pytest.raises(ConfigError, match=message):
+        create_model(backbone, weights="none", pooling=pooling)  # type: ignore[arg-type]

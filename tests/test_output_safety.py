@@ -6,22 +6,19 @@ import multiprocessing
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import keyed, photo, refuse_listing
+from conftest import CRASH_RUNNER, keyed, photo, refuse_listing, run_python
 from PIL import Image
 
 from spp_extract import Config, ConfigError, OutputError, extract, merge, read_features
 from spp_extract.rundir import OutputLock
 from spp_extract.storage import shards_root
 
-RUNNER = Path(__file__).with_name("crash_runner.py")
 CONFIG = Config(backbone="resnet18", weights="none", workers=0, batch_size=2)
 ARGS = ["--backbone", "resnet18", "--weights", "none", "--workers", "0", "--batch-size", "2", "-q"]
 
@@ -36,11 +33,7 @@ def folder(tmp_path: Path) -> Path:
 
 
 def _cli(fault: str, *args: object, wait: bool = True):
-    command = [sys.executable, str(RUNNER), fault, "--", "extract", *map(str, args), *ARGS]
-    env = {**os.environ, "PYTHONPATH": str(RUNNER.parent.parent)}
-    if not wait:
-        return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return run_python(CRASH_RUNNER, fault, "--", "extract", *args, *ARGS, wait=wait)
 
 
 # ----------------------------------------------------------------------------- one writer
@@ -116,6 +109,7 @@ def test_files_the_tool_did_not_write_are_never_replaced(tmp_path, folder, conte
     assert not shards_root(out).exists()
 
 
+@pytest.mark.slow
 def test_existing_output_message_names_the_options_in_the_callers_terms(tmp_path, folder):
     out = tmp_path / "out.h5"
     extract([folder], out, config=CONFIG)
@@ -125,6 +119,7 @@ def test_existing_output_message_names_the_options_in_the_callers_terms(tmp_path
     assert result.returncode == 2 and "--resume" in result.stderr and "resume=True" not in result.stderr
 
 
+@pytest.mark.slow
 def test_resume_on_a_merged_copy_is_refused(tmp_path, folder):
     out = tmp_path / "out.h5"
     extract([folder], out, config=CONFIG)
@@ -149,6 +144,7 @@ def test_renamed_shards_folder_names_the_folder_the_view_expects(tmp_path, folde
 # ----------------------------------------------------------------------------- names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["top50%%.h5", "top5%_val.h5", "a%b.h5", "x%d%s.h5"])
 def test_percent_in_the_output_name(tmp_path, folder, name):
     out = tmp_path / name
@@ -163,6 +159,7 @@ def test_percent_in_the_output_name(tmp_path, folder, name):
     np.testing.assert_allclose(read_features(merged).features, data.features, rtol=0)
 
 
+@pytest.mark.slow
 def test_long_output_names(tmp_path, folder):
     limit = os.pathconf(tmp_path, "PC_NAME_MAX")
     fits = tmp_path / ("n" * (limit - len(".shards") - 3) + ".h5")
@@ -183,6 +180,7 @@ def test_non_utf8_output_name_is_refused_before_anything_is_written(tmp_path, fo
 # ----------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_resume_with_another_folder_of_the_same_names_recomputes(tmp_path):
     """Same relative names, sizes and times (as after ``cp -p`` or ``tar x``), other pixels."""
     first, other = tmp_path / "first", tmp_path / "other"
@@ -201,6 +199,7 @@ def test_resume_with_another_folder_of_the_same_names_recomputes(tmp_path):
     np.testing.assert_allclose(read_features(out).features, read_features(alone).features, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_picks_the_newest_run_whatever_the_clock_says(tmp_path, folder):
     out = tmp_path / "out.h5"
     extract([folder], out, config=CONFIG)
@@ -250,6 +249,7 @@ def test_interrupted_run_leaves_a_partial_output_marked_incomplete(tmp_path, fol
 # ----------------------------------------------------------------------------- folders
 
 
+@pytest.mark.slow
 def test_rows_of_a_folder_that_cannot_be_listed_this_time_are_kept(tmp_path, folder, monkeypatch):
     sub = folder / "sub"
     sub.mkdir()

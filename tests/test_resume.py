@@ -6,20 +6,20 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_same, fast_commits, keyed, photo
+from conftest import CRASH_RUNNER, assert_same, fast_commits, keyed, photo, run_python
 from PIL import Image
 
 from spp_extract import Config, ConfigError, OutputError, extract, read_features
 from spp_extract.rundir import OutputLock
 from spp_extract.storage import shards_root
 
-RUNNER = Path(__file__).with_name("crash_runner.py")
+pytestmark = pytest.mark.slow  # every test runs models or starts processes (> 1 s each)
+
 FAILED = ["broken.jpg"]
 ARGS = ["--backbone", "resnet18", "--weights", "none", "--workers", "0", "--batch-size", "2", "-q"]
 
@@ -42,13 +42,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory, inputs: Path) -> dict:
 
 
 def _cli(fault: str, inputs: Path, out: Path, *extra: str, wait: bool = True):
-    command = [sys.executable, str(RUNNER), fault, "--", "extract", str(inputs), "-o", str(out),
-               *ARGS, "--config", str(fast_commits(out.parent)), *extra]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(RUNNER.parent.parent)}
-    if not wait:  # its own process group, like a job in a terminal
-        return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)  # fmt: skip
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    # not waited for: its own process group, like a job in a terminal
+    return run_python(CRASH_RUNNER, fault, "--", "extract", inputs, "-o", out, *ARGS, "--config",
+                      fast_commits(out.parent), *extra, wait=wait, new_session=not wait)  # fmt: skip
 
 
 @pytest.mark.parametrize(

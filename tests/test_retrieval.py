@@ -89,6 +89,7 @@ def numpy_pca(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 # ----------------------------------------------------------------------------- PCA maths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["exact", "lowrank"])
 @pytest.mark.parametrize("shape", [(300, 80), (120, 700)])
 def test_pca_matches_numpy_svd(method, shape):
@@ -103,6 +104,7 @@ def test_pca_matches_numpy_svd(method, shape):
     np.testing.assert_allclose(c.T @ c, ref_components.T @ ref_components, rtol=0, atol=1e-4)  # same subspace
 
 
+@pytest.mark.slow
 def test_whitening_gives_identity_covariance_on_the_sample(tmp_path, real_h5):
     x = spectrum_matrix(200, 64, seed=3)
     src = synthetic(tmp_path / "x.h5", x, real_h5)
@@ -320,6 +322,7 @@ def test_extract_project_refuses_mismatch_before_extracting(tmp_path, real_h5, e
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.h5"]
 
 
+@pytest.mark.slow
 def test_extract_project_gives_the_rows_of_reduce(tmp_path, real_h5, example_dir):
     dest = tmp_path / "small.h5"
     reduce(real_h5, dest, dim=6, whiten=True)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import assert_vectors_close, run_python
 
 from spp_extract.backbones import build_trunk
 from spp_extract.config import Config
@@ -30,21 +31,21 @@ def _trunk(backbone: str):  # noqa: ANN202
     return build_trunk(Config(backbone=backbone, weights="none"))
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
 # (backbone, input size, tiles per side): sizes are not multiples of the stride; the first of
 # each backbone is 2 x 2, the second many tiles (core of one or two output cells).
 SLOW = pytest.mark.slow
 CASES = [
     ("resnet18", (150, 190), (2, 2)), pytest.param("resnet18", (700, 180), (6, 3), marks=SLOW),
-    ("resnet50", (150, 190), (2, 2)), pytest.param("resnet50", (230, 100), (4, 2), marks=SLOW),
-    ("vgg11", (150, 190), (2, 2)), ("vgg11", (401, 299), (5, 4)),
-    ("densenet121", (150, 190), (2, 2)), pytest.param("densenet121", (200, 130), (4, 3), marks=SLOW),
-    ("convnext_tiny", (150, 190), (2, 2)), pytest.param("convnext_tiny", (200, 130), (4, 3), marks=SLOW),
-    ("mobilenet_v2", (150, 190), (2, 2)), ("mobilenet_v2", (600, 97), (6, 2)),
-    ("googlenet", (150, 190), (2, 2)), pytest.param("googlenet", (420, 110), (5, 2), marks=SLOW),
+    pytest.param("resnet50", (150, 190), (2, 2), marks=SLOW),
+    pytest.param("resnet50", (230, 100), (4, 2), marks=SLOW),
+    pytest.param("vgg11", (150, 190), (2, 2), marks=SLOW), pytest.param("vgg11", (401, 299), (5, 4), marks=SLOW),
+    pytest.param("densenet121", (150, 190), (2, 2), marks=SLOW),
+    pytest.param("densenet121", (200, 130), (4, 3), marks=SLOW),
+    pytest.param("convnext_tiny", (150, 190), (2, 2), marks=SLOW),
+    pytest.param("convnext_tiny", (200, 130), (4, 3), marks=SLOW),
+    ("mobilenet_v2", (150, 190), (2, 2)), pytest.param("mobilenet_v2", (600, 97), (6, 2), marks=SLOW),
+    pytest.param("googlenet", (150, 190), (2, 2), marks=SLOW),
+    pytest.param("googlenet", (420, 110), (5, 2), marks=SLOW),
 ]  # fmt: skip
 
 
@@ -65,9 +66,10 @@ def test_tiled_equals_whole_image(backbone, size, grid):
         tiled = tiled_trunk(trunk.module, x, plan)
     assert tiled.shape == whole.shape
     torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
-    assert _rel(tiled, whole) <= 1e-4
+    assert_vectors_close(tiled, whole, rel=1e-4)  # and the norm bound the README states
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["max", "avg"])
 @pytest.mark.parametrize("levels", [(4, 2, 1), (6, 3, 1)], ids=str)
 @pytest.mark.parametrize(("backbone", "size", "core"), [
@@ -151,6 +153,7 @@ def _rows(path):  # noqa: ANN001, ANN202
                 for i, p in enumerate(f["paths"].asstr()[:])}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_image_over_max_memory_is_tiled_and_equals_the_untiled_row(tmp_path):
     from spp_extract import extract
     from spp_extract.memory import memory_model
@@ -174,6 +177,7 @@ def test_image_over_max_memory_is_tiled_and_equals_the_untiled_row(tmp_path):
     assert any(line.startswith("row 0: big.png") and f"tiles {got['big.png'][1]}" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_untileable_backbone_over_max_memory_is_too_large_and_the_rest_done(tmp_path):
     from spp_extract import extract
     from spp_extract.memory import memory_model, show_size
@@ -209,6 +213,7 @@ def _one(extractor, h, w, seed=0):  # noqa: ANN001, ANN202
     return extractor(pixels, [meta])[0], meta
 
 
+@pytest.mark.slow
 def test_streamed_spp_when_the_map_leaves_no_room():
     whole, _ = _one(_extractor("vgg11", None), 200, 230)
     streamed, meta = _one(_extractor("vgg11", 2_000_000), 200, 230)
@@ -216,6 +221,7 @@ def test_streamed_spp_when_the_map_leaves_no_room():
     torch.testing.assert_close(streamed, whole, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_single_image_out_of_memory_falls_back_to_tiles(monkeypatch):
     """(CUDA's case, simulated with the CPU allocator's error.)"""
     extractor = _extractor("vgg11", None)
@@ -287,6 +293,7 @@ def test_bad_max_memory_in_config_is_refused(value):
         Config(max_memory=value)
 
 
+@pytest.mark.slow
 def test_shards_without_tiles_read_as_zero(tmp_path):
     """Shards written before the field existed: their rows read as not tiled."""
     import h5py
@@ -340,19 +347,13 @@ print(estimate, status("VmHWM:") - base)
 @pytest.mark.parametrize(("backbone", "h", "w"), [("resnet50", 1500, 2000), ("vgg16", 1200, 1700),
                                                   ("resnet18", 1400, 1400)])  # fmt: skip
 def test_memory_estimate_is_within_25_percent_of_measured_peak_rss(backbone, h, w):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "2"}
-    done = subprocess.run([sys.executable, "-c", _MEASURE, backbone, str(h), str(w)], env=env,
-                          capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    done = run_python("-c", _MEASURE, backbone, h, w, env={"OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-2000:]
     estimate, measured = (int(v) for v in done.stdout.split())
     assert abs(estimate - measured) <= 0.25 * measured, (estimate / 1e9, measured / 1e9)
 
 
+@pytest.mark.slow
 def test_a_budget_too_small_to_tile_sensibly_is_refused_not_crawled(tmp_path):
     """Tiles of one output cell are nearly all halo: such an image is refused with the
     budget to give, never computed hundreds of times over."""
