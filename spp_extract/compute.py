@@ -15,7 +15,8 @@ from .config import Config
 from .errors import ImageError
 from .masking import MaskedTrunk, maskable, meta_copy, valid_mask
 from .memory import MemoryModel, memory_model, show_size
-from .pooling import spatial_pyramid_pool, spp_dim
+from .model import SppModel
+from .pooling import spatial_pyramid_pool
 from .records import RowMeta
 from .tiling import (
     NotTileable,
@@ -53,14 +54,17 @@ class Extractor:
         self._meta: torch.nn.Module | None = None
         self.config = config
         self.device = device
-        self.module = trunk.module.to(device)
+        # The in-memory API's module: this class adds what a file of mixed sizes needs around
+        # it (uint8 in, masks, per-image crops, memory limits).
+        self.model = SppModel(trunk, config.levels, config.pooling).to(device)
         self.channels_last = device.type in ("cuda", "cpu")
         if self.channels_last:
-            self.module = self.module.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.module = self.model.trunk
         self.masked = MaskedTrunk(self.module) if padded else None
-        self.mean = torch.tensor(trunk.resolved.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(trunk.resolved.std, device=device).view(1, 3, 1, 1)
-        self.dim = spp_dim(trunk.channels, config.levels)
+        self.mean = torch.tensor(self.model.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.model.std, device=device).view(1, 3, 1, 1)
+        self.dim = self.model.dim
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
 
     def _run(self, pixels: Tensor, metas: Sequence[RowMeta]) -> Tensor:
@@ -88,7 +92,7 @@ class Extractor:
         for (h, w), rows in groups.items():
             index = torch.tensor(rows, device=out.device)
             part = out.index_select(0, index)[:, :, :h, :w]  # (n, C, h, w)
-            vectors[index] = spatial_pyramid_pool(part, self.config.levels, self.config.pooling)  # type: ignore[arg-type]
+            vectors[index] = self.model.spp(part)
         for meta, size in zip(metas, finals, strict=True):
             meta.feature_map_size = (int(size[0]), int(size[1]))
         return vectors

@@ -201,3 +201,13 @@ def test_resolving_a_config_never_reads_or_downloads_weights(monkeypatch, weight
     assert f'weights = "{weights}"' in result.output
     assert "mean = [0.485, 0.456, 0.406]" in result.output  # the weights' own, found without them
     assert calls == []
+
+
+@pytest.mark.parametrize(("layer", "block"), [("layer3.1.conv2", "layer3.1"), ("layer2.0.downsample", "layer2.0")])
+def test_a_layer_inside_a_block_names_the_block_to_cut_at(layer, block):
+    """torchvision's graph knows the name; the trunk cannot be cut there: say where it can."""
+    with pytest.raises(ConfigError) as info:
+        resolve(Config(backbone="resnet18", layer=layer))
+    message = str(info.value)
+    assert f"{layer!r} is inside {block!r}" in message and f"cut at {block!r}" in message
+    assert "\n" not in message
