@@ -31,11 +31,15 @@ def make(folder: Path, count: int) -> None:
     rng = np.random.default_rng(0)
     for i in range(count):
         h, w = (int(v) for v in rng.integers(24, 65, 2))
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            folder / f"{i:06d}.png"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--backbone", default="resnet18")
     args = parser.parse_args()
@@ -43,10 +47,16 @@ def main() -> None:
     results = {}
     for n in (args.images, 10 * args.images):
         make(tmp / str(n), n)
-        done = subprocess.run([sys.executable, "-c", CHILD, str(tmp / str(n)), str(tmp / f"{n}.h5"), args.backbone],
-                              capture_output=True, text=True, check=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, str(tmp / str(n)), str(tmp / f"{n}.h5"), args.backbone],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[n] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{n:6d} images: peak RSS {results[n]['peak_mib']:7.0f} MiB, {results[n]['images'] / results[n]['seconds']:.0f} img/s")
+        print(
+            f"{n:6d} images: peak RSS {results[n]['peak_mib']:7.0f} MiB, {results[n]['images'] / results[n]['seconds']:.0f} img/s"
+        )
     small, large = (results[n]["peak_mib"] for n in (args.images, 10 * args.images))
     print(f"growth from {args.images} to {10 * args.images} images: {large - small:+.0f} MiB")
 

@@ -33,10 +33,16 @@ def make_file(path: Path, rows: int, dim: int, dtype: str, seed: int = 0) -> Non
 
     rng = np.random.default_rng(seed)
     rank = 64
-    basis = rng.standard_normal((rank, dim)).astype(np.float32) * (0.9 ** np.arange(rank))[:, None].astype(np.float32)
+    basis = rng.standard_normal((rank, dim)).astype(np.float32) * (0.9 ** np.arange(rank))[
+        :, None
+    ].astype(np.float32)
     with h5py.File(path, "w") as f:
-        ds = f.create_dataset("features", shape=(rows, dim), dtype=dtype,
-                              chunks=(max(1, (1 << 20) // (dim * np.dtype(dtype).itemsize)), dim))  # fmt: skip
+        ds = f.create_dataset(
+            "features",
+            shape=(rows, dim),
+            dtype=dtype,
+            chunks=(max(1, (1 << 20) // (dim * np.dtype(dtype).itemsize)), dim),
+        )
         for start in range(0, rows, 1000):
             n = min(1000, rows - start)
             block = rng.standard_normal((n, rank), dtype=np.float32) @ basis
@@ -48,15 +54,31 @@ def make_file(path: Path, rows: int, dim: int, dtype: str, seed: int = 0) -> Non
         raw[:] = [np.frombuffer(p.encode(), np.uint8) for p in names]
         f.create_dataset("path_bytes", data=raw, dtype=h5py.vlen_dtype(np.dtype("uint8")))
         for name, (kind, width) in ROW_FIELDS.items():
-            data = ["RGB"] * rows if name == "mode" else np.zeros((rows, width) if width else rows, kind)
+            data = (
+                ["RGB"] * rows
+                if name == "mode"
+                else np.zeros((rows, width) if width else rows, kind)
+            )
             f.create_dataset(name, data=data, dtype=kind)
         failed = f.create_group("failed")
         for name in ("paths", "error_class", "errors"):
             failed.create_dataset(name, shape=(0,), dtype=h5py.string_dtype("utf-8"))
-        f.attrs.update(run_attrs(backbone="resnet50", layer="layer4", weights="none", levels=[4, 2, 1],
-                                 pooling="max", channels=dim // 21, feature_dim=dim, dtype=dtype,
-                                 mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-                                 config='weights = "none"\nseed = 0\n', layout="merged"))  # fmt: skip
+        f.attrs.update(
+            run_attrs(
+                backbone="resnet50",
+                layer="layer4",
+                weights="none",
+                levels=[4, 2, 1],
+                pooling="max",
+                channels=dim // 21,
+                feature_dim=dim,
+                dtype=dtype,
+                mean=[0.485, 0.456, 0.406],
+                std=[0.229, 0.224, 0.225],
+                config='weights = "none"\nseed = 0\n',
+                layout="merged",
+            )
+        )
 
 
 def step(args: argparse.Namespace) -> None:
@@ -81,15 +103,21 @@ def step(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--features", type=int, default=43_008, help="D (resnet50 {4,2,1}: 43,008)")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--sample", type=int, default=None, help="rows to fit on (default: reduce's)")
+    parser.add_argument(
+        "--sample", type=int, default=None, help="rows to fit on (default: reduce's)"
+    )
     parser.add_argument("-k", "--k", type=int, default=10)
     parser.add_argument("--nn-rows", type=int, default=5_000, help="rows for full-size neighbours")
-    parser.add_argument("--folder", default=None, help="where the files go (default: a temp folder)")
+    parser.add_argument(
+        "--folder", default=None, help="where the files go (default: a temp folder)"
+    )
     parser.add_argument("--step", choices=["reduce", "nn-small", "nn-full"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step:
@@ -101,20 +129,41 @@ def main() -> None:
         make_file(folder / "full.h5", args.rows, args.features, args.dtype)
         make_file(folder / "nn_full.h5", args.nn_rows, args.features, args.dtype, seed=1)
         size = (folder / "full.h5").stat().st_size / 2**30
-        print(f"synthetic {args.rows} x {args.features} {args.dtype} ({size:.2f} GiB) and "
-              f"{args.nn_rows} x {args.features}: {time.perf_counter() - started:.0f} s to write")
-        for name, rows, what in [("reduce", args.rows, f"reduce to {args.dim}"),
-                                 ("nn-small", args.rows, f"neighbors k={args.k} on the {args.dim}-dim file"),
-                                 ("nn-full", args.nn_rows, f"neighbors k={args.k} on {args.features}-dim rows")]:  # fmt: skip
-            command = [sys.executable, __file__, "--step", name, "--folder", str(folder),
-                       "--dim", str(args.dim), "-k", str(args.k)]  # fmt: skip
+        print(
+            f"synthetic {args.rows} x {args.features} {args.dtype} ({size:.2f} GiB) and "
+            f"{args.nn_rows} x {args.features}: {time.perf_counter() - started:.0f} s to write"
+        )
+        for name, rows, what in [
+            ("reduce", args.rows, f"reduce to {args.dim}"),
+            ("nn-small", args.rows, f"neighbors k={args.k} on the {args.dim}-dim file"),
+            ("nn-full", args.nn_rows, f"neighbors k={args.k} on {args.features}-dim rows"),
+        ]:
+            command = [
+                sys.executable,
+                __file__,
+                "--step",
+                name,
+                "--folder",
+                str(folder),
+                "--dim",
+                str(args.dim),
+                "-k",
+                str(args.k),
+            ]
             if args.sample:
                 command += ["--sample", str(args.sample)]
             out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
-            extra = f", fit {result['fit_s']:.1f} s on {result['sample_rows']} rows" if "fit_s" in result else ""
-            print(f"{what}: {rows} rows in {result['seconds']:.1f} s = {rows / result['seconds']:,.0f} rows/s"
-                  f"{extra}; peak RSS {result['peak_rss_mib']:,.0f} MiB", flush=True)  # fmt: skip
+            extra = (
+                f", fit {result['fit_s']:.1f} s on {result['sample_rows']} rows"
+                if "fit_s" in result
+                else ""
+            )
+            print(
+                f"{what}: {rows} rows in {result['seconds']:.1f} s = {rows / result['seconds']:,.0f} rows/s"
+                f"{extra}; peak RSS {result['peak_rss_mib']:,.0f} MiB",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -71,20 +71,25 @@ def naive(paths: list[Path], config: Config, device: torch.device, out: Path) ->
             with torch.inference_mode():
                 v = spatial_pyramid_pool(trunk((x - mean) / std), levels).cpu().numpy()
             if ds is None:
-                ds = f.create_dataset("features", shape=(0, v.shape[1]), maxshape=(None, v.shape[1]), dtype="f4")
+                ds = f.create_dataset(
+                    "features", shape=(0, v.shape[1]), maxshape=(None, v.shape[1]), dtype="f4"
+                )
             ds.resize(i + 1, axis=0)
             ds[i] = v[0]
     _sync(device)
     return time.perf_counter() - start
 
 
-def compute_limit(paths: list[Path], trunk, config: Config, device: torch.device, padded: bool) -> float:
+def compute_limit(
+    paths: list[Path], trunk, config: Config, device: torch.device, padded: bool
+) -> float:
     refs = [images.ImageRef(p.name, str(p)) for p in paths]
     items = [decode_item(r, i, trunk.min_side, config) for i, r in enumerate(refs)]
     sizes = [it.meta.input_size for it in items]
     batch_size, batch_pixels = batch_limits(config, device)
-    planner = Planner(sizes, padded=padded, batch_size=batch_size, batch_pixels=batch_pixels,
-                      commit_seconds=1e9)  # fmt: skip
+    planner = Planner(
+        sizes, padded=padded, batch_size=batch_size, batch_pixels=batch_pixels, commit_seconds=1e9
+    )
     batches = [collate([items[i] for i in plan]) for plan in planner]
     for b in batches:
         b.pixels = b.pixels.to(device)
@@ -103,22 +108,38 @@ def _sync(device: torch.device) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="resnet50", help="a ResNet-family model (the naive loop cuts it)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--backbone", default="resnet50", help="a ResNet-family model (the naive loop cuts it)"
+    )
     parser.add_argument("--images", type=int, default=48)
-    parser.add_argument("--folder", type=Path, help="use these images instead of a generated corpus")
+    parser.add_argument(
+        "--folder", type=Path, help="use these images instead of a generated corpus"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batching", default="auto")
     parser.add_argument("--batch-size", default="auto")
     parser.add_argument("--workers", default="auto")
     parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--compare-batching", action="store_true",
-                        help="also run (c) with padded and with same-size batching, and print the speed-up")
+    parser.add_argument(
+        "--compare-batching",
+        action="store_true",
+        help="also run (c) with padded and with same-size batching, and print the speed-up",
+    )
     args = parser.parse_args()
 
     auto = lambda v: v if v == "auto" else int(v)  # noqa: E731
-    config = Config(backbone=args.backbone, weights="none", device=args.device, batching=args.batching,
-                    batch_size=auto(args.batch_size), workers=auto(args.workers), precision=args.precision)
+    config = Config(
+        backbone=args.backbone,
+        weights="none",
+        device=args.device,
+        batching=args.batching,
+        batch_size=auto(args.batch_size),
+        workers=auto(args.workers),
+        precision=args.precision,
+    )
     tmp = Path(tempfile.mkdtemp(prefix="spp-bench-"))
     if args.folder:
         paths = [Path(r.path) for r in images.find_images([args.folder])][: args.images]
@@ -126,17 +147,24 @@ def main() -> None:
         (tmp / "corpus").mkdir()
         make_corpus(tmp / "corpus", args.images)
         paths = sorted((tmp / "corpus").iterdir())
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     padded = args.batching == "padded" or (args.batching == "auto" and device.type == "cuda")
     cores = len(__import__("os").sched_getaffinity(0))
     torch.set_num_threads(cores)
     trunk = build_trunk(config)
     trunk.module.to(device)
-    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}, {cores} cores)")
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, backbone {args.backbone}, "
-          f"{len(paths)} images, mean {np.mean([Image.open(p).size[0] * Image.open(p).size[1] for p in paths]) / 1e6:.2f} MP, "
-          f"batching {'padded' if padded else 'same-size'}, precision {args.precision}")
+    print(
+        f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}, {cores} cores)"
+    )
+    print(
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, backbone {args.backbone}, "
+        f"{len(paths)} images, mean {np.mean([Image.open(p).size[0] * Image.open(p).size[1] for p in paths]) / 1e6:.2f} MP, "
+        f"batching {'padded' if padded else 'same-size'}, precision {args.precision}"
+    )
 
     naive(paths[:2], config, device, tmp / "warm.h5")  # warm-up
     t_a = naive(paths, config, device, tmp / "naive.h5")
@@ -149,7 +177,9 @@ def main() -> None:
     a, b, c = n / t_a, n / t_b, n / t_c
     print(f"(a) naive loop          {a:8.2f} img/s   (model set-up included)")
     print(f"(b) compute limit       {b:8.2f} img/s")
-    print(f"(c) spp-extract         {c:8.2f} img/s   (model set-up, header reads and the final view included)")
+    print(
+        f"(c) spp-extract         {c:8.2f} img/s   (model set-up, header reads and the final view included)"
+    )
     print(f"c/a = {c / a:.2f}   c/b = {c / b:.2f}")
     if args.compare_batching:
         timings = {}
@@ -159,7 +189,9 @@ def main() -> None:
             timings[batching] = n / (time.perf_counter() - start)
             print(f"(c) with {batching:9s}   {timings[batching]:8.2f} img/s")
         print(f"masked padded / same-size = {timings['padded'] / timings['same-size']:.2f}")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (whole benchmark process)")
+    print(
+        f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (whole benchmark process)"
+    )
 
 
 if __name__ == "__main__":

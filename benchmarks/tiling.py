@@ -50,13 +50,19 @@ def make(folder: Path, megapixels: float) -> tuple[int, int]:
 
 
 def run(folder: Path, out: Path, backbone: str, budget: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(out), backbone, budget],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(folder), str(out), backbone, budget],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--budget", default="2GB")
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 4, 12], help="megapixels")
@@ -68,15 +74,19 @@ def main() -> None:
     for mp in args.sizes:
         h, w = make(tmp / f"{mp}", mp)
         r = run(tmp / f"{mp}", tmp / f"{mp}.h5", args.backbone, args.budget)
-        print(f"  {h}x{w} ({h * w / 1e6:.1f} MP): peak RSS {r['peak_gb']:.2f} GB, tiles {r['tiles']}, "
-              f"{r['seconds']:.1f} s, failed {r['failed']}")  # fmt: skip
+        print(
+            f"  {h}x{w} ({h * w / 1e6:.1f} MP): peak RSS {r['peak_gb']:.2f} GB, tiles {r['tiles']}, "
+            f"{r['seconds']:.1f} s, failed {r['failed']}"
+        )
     if args.ratio_size:
         h, w = make(tmp / "ratio", args.ratio_size)
         tiled = run(tmp / "ratio", tmp / "tiled.h5", args.backbone, args.ratio_budget)
         whole = run(tmp / "ratio", tmp / "whole.h5", args.backbone, "1PB")
-        print(f"(b) {h}x{w}: tiled ({args.ratio_budget}, {tiled['tiles']} tiles) {tiled['seconds']:.1f} s, "
-              f"peak {tiled['peak_gb']:.2f} GB; whole {whole['seconds']:.1f} s, peak "
-              f"{whole['peak_gb']:.2f} GB; tiled/whole time {tiled['seconds'] / whole['seconds']:.2f}x")  # fmt: skip
+        print(
+            f"(b) {h}x{w}: tiled ({args.ratio_budget}, {tiled['tiles']} tiles) {tiled['seconds']:.1f} s, "
+            f"peak {tiled['peak_gb']:.2f} GB; whole {whole['seconds']:.1f} s, peak "
+            f"{whole['peak_gb']:.2f} GB; tiled/whole time {tiled['seconds'] / whole['seconds']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -21,10 +21,16 @@ def _photo(height: int, width: int, seed: int) -> np.ndarray:
     out = np.zeros((height, width, 3), np.float32)
     for c in range(3):
         fx, fy, phase = rng.uniform(0.5, 6, 2).tolist() + [rng.uniform(0, 6.3)]
-        out[..., c] = 0.5 + 0.5 * np.sin(fx * x / max(width, 1) * 6.3 + fy * y / max(height, 1) * 6.3 + phase)
+        out[..., c] = 0.5 + 0.5 * np.sin(
+            fx * x / max(width, 1) * 6.3 + fy * y / max(height, 1) * 6.3 + phase
+        )
     for _ in range(4):
         cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(5, 80)
-        out += 0.4 * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))[..., None] * rng.uniform(-1, 1, 3)
+        out += (
+            0.4
+            * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))[..., None]
+            * rng.uniform(-1, 1, 3)
+        )
     return (np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
@@ -45,13 +51,18 @@ def make_examples(folder: Path) -> list[Path]:
     exif[0x0112] = 6
     save("rotated_exif.jpg", Image.fromarray(_photo(120, 160, 3)), exif=exif.tobytes(), quality=90)
     save("gray.png", Image.fromarray(_photo(129, 257, 4)[..., 0]))
-    rgba = np.dstack([_photo(100, 150, 5), np.tile(np.linspace(0, 255, 150, dtype=np.uint8), (100, 1))])
+    rgba = np.dstack(
+        [_photo(100, 150, 5), np.tile(np.linspace(0, 255, 150, dtype=np.uint8), (100, 1))]
+    )
     save("transparent.png", Image.fromarray(rgba))
     save("cmyk.jpg", Image.fromarray(_photo(90, 110, 6)).convert("CMYK"), quality=90)
     save("tiny_1x1.png", Image.fromarray(np.array([[[200, 30, 60]]], np.uint8)))
     save("strip_3x500.png", Image.fromarray(_photo(3, 500, 7)))
-    save("palette.gif", Image.fromarray(_photo(64, 96, 8)).convert("P", palette=Image.Palette.ADAPTIVE))
-    sixteen = (_photo(80, 100, 9)[..., 1].astype(np.uint16) * 257)
+    save(
+        "palette.gif",
+        Image.fromarray(_photo(64, 96, 8)).convert("P", palette=Image.Palette.ADAPTIVE),
+    )
+    sixteen = _photo(80, 100, 9)[..., 1].astype(np.uint16) * 257
     save("deep_16bit.png", Image.fromarray(sixteen))
     (folder / "sub").mkdir(exist_ok=True)
     save("sub/nested.bmp", Image.fromarray(_photo(50, 70, 10)))

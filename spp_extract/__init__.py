@@ -25,13 +25,24 @@ if TYPE_CHECKING:
 # Names from modules that import torch, loaded on first use, so that `spp-extract --help`
 # and `--version` (and `import spp_extract.cli`) do not spend seconds importing torch.
 _LAZY = {
-    "extract": "pipeline", "Result": "pipeline",
-    "SpatialPyramidPooling": "pooling", "spatial_pyramid_pool": "pooling", "spp_dim": "pooling",
-    "create_model": "model", "SppModel": "model",
-    "Features": "reader", "merge": "view", "read_features": "reader", "iter_features": "reader",
-    "Projection": "retrieval", "reduce": "retrieval", "project_file": "retrieval",
-    "check_projection": "retrieval", "neighbors": "retrieval", "Neighbors": "retrieval",
-}  # fmt: skip
+    "extract": "pipeline",
+    "Result": "pipeline",
+    "SpatialPyramidPooling": "pooling",
+    "spatial_pyramid_pool": "pooling",
+    "spp_dim": "pooling",
+    "create_model": "model",
+    "SppModel": "model",
+    "Features": "reader",
+    "merge": "view",
+    "read_features": "reader",
+    "iter_features": "reader",
+    "Projection": "retrieval",
+    "reduce": "retrieval",
+    "project_file": "retrieval",
+    "check_projection": "retrieval",
+    "neighbors": "retrieval",
+    "Neighbors": "retrieval",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -48,8 +59,28 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Config", "ConfigError", "Features", "ImageError", "Neighbors", "OutputError", "Projection",
-    "Result", "SpatialPyramidPooling", "SppError", "SppModel", "__version__", "create_model", "check_projection", "extract",
-    "iter_features", "load_config", "merge", "neighbors", "project_file", "read_features",
-    "reduce", "spatial_pyramid_pool", "spp_dim",
-]  # fmt: skip
+    "Config",
+    "ConfigError",
+    "Features",
+    "ImageError",
+    "Neighbors",
+    "OutputError",
+    "Projection",
+    "Result",
+    "SpatialPyramidPooling",
+    "SppError",
+    "SppModel",
+    "__version__",
+    "create_model",
+    "check_projection",
+    "extract",
+    "iter_features",
+    "load_config",
+    "merge",
+    "neighbors",
+    "project_file",
+    "read_features",
+    "reduce",
+    "spatial_pyramid_pool",
+    "spp_dim",
+]

@@ -67,17 +67,49 @@ def _densenet(m: nn.Module) -> Chain:
 
 
 def _googlenet(m: nn.Module) -> Chain:
-    names = ["conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b",
-             "maxpool3", "inception4a", "inception4b", "inception4c", "inception4d", "inception4e",
-             "maxpool4", "inception5a", "inception5b"]  # fmt: skip
+    names = [
+        "conv1",
+        "maxpool1",
+        "conv2",
+        "conv3",
+        "maxpool2",
+        "inception3a",
+        "inception3b",
+        "maxpool3",
+        "inception4a",
+        "inception4b",
+        "inception4c",
+        "inception4d",
+        "inception4e",
+        "maxpool4",
+        "inception5a",
+        "inception5b",
+    ]
     prefix = [("transform_input", _GoogLeNetInput(m))] if m.transform_input else []
     return prefix + _children(m, names)
 
 
 def _inception3(m: nn.Module) -> Chain:
-    names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
-             "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
-             "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]  # fmt: skip
+    names = [
+        "Conv2d_1a_3x3",
+        "Conv2d_2a_3x3",
+        "Conv2d_2b_3x3",
+        "maxpool1",
+        "Conv2d_3b_1x1",
+        "Conv2d_4a_3x3",
+        "maxpool2",
+        "Mixed_5b",
+        "Mixed_5c",
+        "Mixed_5d",
+        "Mixed_6a",
+        "Mixed_6b",
+        "Mixed_6c",
+        "Mixed_6d",
+        "Mixed_6e",
+        "Mixed_7a",
+        "Mixed_7b",
+        "Mixed_7c",
+    ]
     prefix = [("transform_input", _GoogLeNetInput(m))] if m.transform_input else []
     return prefix + _children(m, names)
 
@@ -110,8 +142,11 @@ FAMILIES = (
     Family("regnet_y", lambda m: _children(m, ["stem", "trunk_output"]), "trunk_output"),
     Family("convnext", _attr("features"), "features"),
     Family("squeezenet", _attr("features"), "features"),
-    Family("shufflenet_v2", lambda m: _children(
-        m, ["conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"]), "conv5"),
+    Family(
+        "shufflenet_v2",
+        lambda m: _children(m, ["conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"]),
+        "conv5",
+    ),
     Family("mnasnet", _attr("layers"), "layers"),
     Family("googlenet", _googlenet, "inception5b"),
     Family("inception_v3", _inception3, "Mixed_7c"),
@@ -137,8 +172,11 @@ def supported_backbones() -> list[str]:
 def _from_file(config: Config, *keys: str) -> str:
     """' (layer came from FILE line N; pass --layer or remove it there)' for keys a config file
     set, so that a conflict with a flag says where the other value came from."""
-    notes = [f"{key} came from {config.origins[key]}; pass {option(key, None)} or remove it there"
-             for key in keys if key in config.origins]  # fmt: skip
+    notes = [
+        f"{key} came from {config.origins[key]}; pass {option(key, None)} or remove it there"
+        for key in keys
+        if key in config.origins
+    ]
     return f" ({'; '.join(notes)})" if notes else ""
 
 
@@ -182,8 +220,10 @@ def _inside_a_block(model: nn.Module, layer: str, names: list[str]) -> str:
     block = max((n for n in names if layer.startswith(f"{n}.")), key=len, default="")
     if not block:
         return f"{layer!r} is in the model's graph but is no cut point; "
-    return (f"{layer!r} is inside {block!r}, which cannot be cut inside (its forward() is more "
-            f"than a chain of its children); cut at {block!r} or before it? ")  # fmt: skip
+    return (
+        f"{layer!r} is inside {block!r}, which cannot be cut inside (its forward() is more "
+        f"than a chain of its children); cut at {block!r} or before it? "
+    )
 
 
 # The trunk is the model's own named children in an nn.Sequential, not torchvision's
@@ -313,9 +353,13 @@ def resolve(config: Config) -> ResolvedModel:
     if config.mean:
         mean, std = config.mean, config.std
     return ResolvedModel(
-        config.backbone, layer, weights, weights_id,
-        tuple(float(v) for v in mean), tuple(float(v) for v in std),
-    )  # fmt: skip
+        config.backbone,
+        layer,
+        weights,
+        weights_id,
+        tuple(float(v) for v in mean),
+        tuple(float(v) for v in std),
+    )
 
 
 def expected_cache_file(url: str) -> Path:
@@ -348,8 +392,14 @@ def _load_error(exc: Exception) -> str:
     """What torch.load said, without its advice to turn weights_only off (which would let the
     file run code): the unpickler's own reason where it gives one, else the exception type."""
     lines = [line.strip() for line in str(exc).splitlines()]
-    reason = next((line.partition("WeightsUnpickler error:")[2].strip() for line in lines
-                   if "WeightsUnpickler error:" in line), "")  # fmt: skip
+    reason = next(
+        (
+            line.partition("WeightsUnpickler error:")[2].strip()
+            for line in lines
+            if "WeightsUnpickler error:" in line
+        ),
+        "",
+    )
     reason = reason.split(". ")[0]  # "Unsupported global: GLOBAL os.system was not an allowed ..."
     if not reason and lines and "weights_only" not in lines[0] and "Weights only" not in lines[0]:
         reason = lines[0]

@@ -38,24 +38,97 @@ app = typer.Typer(
 # Every configuration flag, declared once: `extract` and `config` both take all of them (see
 # _config_flags). A flag left out is None, "not given", so a config file's value stands.
 CONFIG_FLAGS: dict[str, Any] = {
-    "config": Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (see configs/).", show_default=False)],
-    "backbone": Annotated[str | None, typer.Option(help="torchvision model name, e.g. resnet50.", show_default=False)],
-    "layer": Annotated[str | None, typer.Option(help="Layer to pool, e.g. layer3 (default: the backbone's last conv stage).", show_default=False)],
-    "weights": Annotated[str | None, typer.Option(help="DEFAULT, a weights name (IMAGENET1K_V2), 'none' (seeded random init) or a state-dict file.", show_default=False)],
-    "levels": Annotated[str | None, typer.Option(metavar="N,N,...", help="Pyramid levels, comma-separated, e.g. 6,3,2,1 (1-8 levels, each 1-16).", show_default=False)],
+    "config": Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="TOML config file (see configs/).", show_default=False),
+    ],
+    "backbone": Annotated[
+        str | None, typer.Option(help="torchvision model name, e.g. resnet50.", show_default=False)
+    ],
+    "layer": Annotated[
+        str | None,
+        typer.Option(
+            help="Layer to pool, e.g. layer3 (default: the backbone's last conv stage).",
+            show_default=False,
+        ),
+    ],
+    "weights": Annotated[
+        str | None,
+        typer.Option(
+            help="DEFAULT, a weights name (IMAGENET1K_V2), 'none' (seeded random init) or a state-dict file.",
+            show_default=False,
+        ),
+    ],
+    "levels": Annotated[
+        str | None,
+        typer.Option(
+            metavar="N,N,...",
+            help="Pyramid levels, comma-separated, e.g. 6,3,2,1 (1-8 levels, each 1-16).",
+            show_default=False,
+        ),
+    ],
     "pooling": Annotated[str | None, typer.Option(help="max or avg.", show_default=False)],
-    "batch_size": Annotated[str | None, typer.Option(metavar="N|auto", help="Most images per batch, or auto.", show_default=False)],
-    "batch_pixels": Annotated[str | None, typer.Option(metavar="N|auto", help="Most padded pixels per batch, or auto.", show_default=False)],
-    "batching": Annotated[str | None, typer.Option(help="auto, same-size or padded (exact masked padding).", show_default=False)],
-    "workers": Annotated[str | None, typer.Option(metavar="N|auto", help="Decode processes, or auto.", show_default=False)],
-    "device": Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", show_default=False)],
-    "dtype": Annotated[str | None, typer.Option(help="Stored precision: float32 or float16.", show_default=False)],
-    "precision": Annotated[str | None, typer.Option(help="Compute precision: fp32 (exact), bf16 or fp16.", show_default=False)],
-    "max_pixels": Annotated[str | None, typer.Option(metavar="N|none", help="Refuse (per image) images with more pixels; none: no limit (trusted inputs).", show_default=False)],
-    "max_memory": Annotated[str | None, typer.Option(metavar="SIZE|auto", help="Memory one image's forward may use, e.g. 4GB (auto: half the free memory; GPU: 80% of free device memory). Larger images are tiled, exactly.", show_default=False)],
-    "allow_truncated": Annotated[bool | None, typer.Option("--allow-truncated/--no-allow-truncated", help="Decode truncated files and mark their rows.", show_default=False)],
-    "follow_symlinks": Annotated[bool | None, typer.Option("--follow-symlinks/--no-follow-symlinks", help="Follow directory symlinks while walking.", show_default=False)],
-}  # fmt: skip
+    "batch_size": Annotated[
+        str | None,
+        typer.Option(metavar="N|auto", help="Most images per batch, or auto.", show_default=False),
+    ],
+    "batch_pixels": Annotated[
+        str | None,
+        typer.Option(
+            metavar="N|auto", help="Most padded pixels per batch, or auto.", show_default=False
+        ),
+    ],
+    "batching": Annotated[
+        str | None,
+        typer.Option(help="auto, same-size or padded (exact masked padding).", show_default=False),
+    ],
+    "workers": Annotated[
+        str | None,
+        typer.Option(metavar="N|auto", help="Decode processes, or auto.", show_default=False),
+    ],
+    "device": Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", show_default=False)
+    ],
+    "dtype": Annotated[
+        str | None, typer.Option(help="Stored precision: float32 or float16.", show_default=False)
+    ],
+    "precision": Annotated[
+        str | None,
+        typer.Option(help="Compute precision: fp32 (exact), bf16 or fp16.", show_default=False),
+    ],
+    "max_pixels": Annotated[
+        str | None,
+        typer.Option(
+            metavar="N|none",
+            help="Refuse (per image) images with more pixels; none: no limit (trusted inputs).",
+            show_default=False,
+        ),
+    ],
+    "max_memory": Annotated[
+        str | None,
+        typer.Option(
+            metavar="SIZE|auto",
+            help="Memory one image's forward may use, e.g. 4GB (auto: half the free memory; GPU: 80% of free device memory). Larger images are tiled, exactly.",
+            show_default=False,
+        ),
+    ],
+    "allow_truncated": Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-truncated/--no-allow-truncated",
+            help="Decode truncated files and mark their rows.",
+            show_default=False,
+        ),
+    ],
+    "follow_symlinks": Annotated[
+        bool | None,
+        typer.Option(
+            "--follow-symlinks/--no-follow-symlinks",
+            help="Follow directory symlinks while walking.",
+            show_default=False,
+        ),
+    ],
+}
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "levels": parse_levels,
     "batch_size": int_or_auto("batch-size"),
@@ -81,9 +154,12 @@ def _config_flags(command: Callable[..., None]) -> Callable[..., None]:
         if name != "cfg":
             params.append(param.replace(kind=pyinspect.Parameter.KEYWORD_ONLY))
             continue
-        params += [pyinspect.Parameter(flag, pyinspect.Parameter.KEYWORD_ONLY, default=None,
-                                       annotation=annotation)
-                   for flag, annotation in CONFIG_FLAGS.items()]  # fmt: skip
+        params += [
+            pyinspect.Parameter(
+                flag, pyinspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
+            )
+            for flag, annotation in CONFIG_FLAGS.items()
+        ]
 
     @functools.wraps(command)
     def with_config(**kwargs: Any) -> None:
@@ -120,7 +196,12 @@ def _show_version(value: bool) -> None:
 @app.callback()
 def _main(
     ctx: typer.Context,
-    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     """Fixed-length CNN features for images at their native size (Spatial Pyramid Pooling)."""
     from .errors import COMMAND_LINE
@@ -145,7 +226,9 @@ class Progress:
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled or (self.bar is None and total == 0):
             return
-        if self.bar is not None and self.bar.total != total:  # the next phase (reduce: fit, project)
+        if (
+            self.bar is not None and self.bar.total != total
+        ):  # the next phase (reduce: fit, project)
             self.close()
         if self.bar is None:
             from tqdm import tqdm
@@ -173,8 +256,9 @@ def _shell_word(word: str) -> str:
     return "$'" + printable(word.replace("\\", "\\\\").replace("'", "\\'")) + "'"
 
 
-def resume_command(program: list[str], command: str, given: list[tuple[str, Any]],
-                   inputs: list[str]) -> str:  # fmt: skip
+def resume_command(
+    program: list[str], command: str, given: list[tuple[str, Any]], inputs: list[str]
+) -> str:
     """The command line that continues a run: ``given`` are (option, value) pairs from the
     parsed arguments (value True for a flag); --overwrite is dropped and --resume added once."""
     words = [*program, command]
@@ -213,16 +297,49 @@ def _given(ctx: typer.Context) -> tuple[list[tuple[str, Any]], list[str]]:
 @_config_flags
 def extract(
     ctx: typer.Context,
-    inputs: Annotated[list[Path] | None, typer.Argument(help="Image files and folders (walked recursively).", show_default=False)] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write.")] = Path("features.h5"),
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Image files and folders (walked recursively).", show_default=False),
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write.")] = Path(
+        "features.h5"
+    ),
     cfg: Config | None = None,
-    files_from: Annotated[Path | None, typer.Option(help="File with one image path per line.", show_default=False)] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted or earlier run (starts one if none).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output once the new run has finished.")] = False,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="With --resume: try the failed images again.")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any image failed (one line says so, even with --quiet).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No status, progress bar or summary.")] = False,
-    project: Annotated[Path | None, typer.Option("--project", help="A file written by `reduce`: OUTPUT holds the vectors projected by its transform (the full vectors go to OUTPUT.full.h5).", show_default=False)] = None,
+    files_from: Annotated[
+        Path | None, typer.Option(help="File with one image path per line.", show_default=False)
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue an interrupted or earlier run (starts one if none)."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an existing output once the new run has finished."
+        ),
+    ] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="With --resume: try the failed images again.")
+    ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="Exit 1 if any image failed (one line says so, even with --quiet)."
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No status, progress bar or summary.")
+    ] = False,
+    project: Annotated[
+        Path | None,
+        typer.Option(
+            "--project",
+            help="A file written by `reduce`: OUTPUT holds the vectors projected by its transform (the full vectors go to OUTPUT.full.h5).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Extract one SPP vector per image into an HDF5 file."""
     assert cfg is not None  # given by _config_flags
@@ -243,8 +360,16 @@ def extract(
 
             projection = load_for_extract(project, cfg, output, resume=resume, overwrite=overwrite)
             target = full_output(output)
-        result = run(inputs or [], target, config=cfg, files_from=files_from, resume=resume,
-                     overwrite=overwrite, retry_failed=retry_failed, progress=progress)  # fmt: skip
+        result = run(
+            inputs or [],
+            target,
+            config=cfg,
+            files_from=files_from,
+            resume=resume,
+            overwrite=overwrite,
+            retry_failed=retry_failed,
+            progress=progress,
+        )
         if projection is not None:
             from .retrieval import project_file
 
@@ -259,7 +384,9 @@ def extract(
     except SppError as exc:
         progress.close()
         if exc.exit_code >= 128:
-            command = resume_command(_program(sys.argv[0]), ctx.info_name or "extract", *_given(ctx))
+            command = resume_command(
+                _program(sys.argv[0]), ctx.info_name or "extract", *_given(ctx)
+            )
             typer.echo(f"spp-extract: {printable(str(exc))}\n  resume with: {command}", err=True)
             raise typer.Exit(exc.exit_code) from None
         raise _fail(exc) from None
@@ -267,15 +394,21 @@ def extract(
     if not quiet and main_rank:
         typer.echo(
             f"{result.images} images, {result.failed} failed, {result.feature_dim}-dim vectors, "
-            f"{result.seconds:.1f} s -> {printable(str(result.output))}", err=True,
-        )  # fmt: skip
+            f"{result.seconds:.1f} s -> {printable(str(result.output))}",
+            err=True,
+        )
         if result.overlaps:
-            typer.echo(f"  note: {result.overlaps} files named by more than one input were "
-                       "used once (under the first input's path)", err=True)  # fmt: skip
+            typer.echo(
+                f"  note: {result.overlaps} files named by more than one input were "
+                "used once (under the first input's path)",
+                err=True,
+            )
         for path, kind, message in result.failures[:10]:
             typer.echo(f"  failed: {printable(path)}: {kind}: {printable(message)}", err=True)
         if len(result.failures) > 10:
-            typer.echo(f"  ... {len(result.failures) - 10} more (spp-extract inspect lists all)", err=True)
+            typer.echo(
+                f"  ... {len(result.failures) - 10} more (spp-extract inspect lists all)", err=True
+            )
     if strict and result.failed:
         if main_rank:
             typer.echo(f"spp-extract: {result.failed} images failed (--strict)", err=True)
@@ -298,7 +431,9 @@ def backbones(
     for name in supported_backbones():
         layer, channels, maskable = describe(name)
         dim = spp_dim(channels, pyramid)
-        typer.echo(f"{name:<22}{layer:<16}{channels:>9}{dim:>10}  {'yes' if maskable else 'no (same-size)'}")
+        typer.echo(
+            f"{name:<22}{layer:<16}{channels:>9}{dim:>10}  {'yes' if maskable else 'no (same-size)'}"
+        )
 
 
 @app.command("config")
@@ -354,16 +489,48 @@ def merge(
 @app.command()
 def reduce(
     source: Annotated[Path, typer.Argument(help="An spp-extract HDF5 file.")],
-    dest: Annotated[Path, typer.Argument(help="HDF5 file to write (reduced vectors and the transform).")],
+    dest: Annotated[
+        Path, typer.Argument(help="HDF5 file to write (reduced vectors and the transform).")
+    ],
     dim: Annotated[int, typer.Option("--dim", help="Output dimension.")],
-    whiten: Annotated[bool, typer.Option("--whiten", help="PCA-whitening (unit variance per axis).")] = False,
-    power: Annotated[float | None, typer.Option("--power", help="Signed power normalisation first, e.g. 0.5 (default: off).", show_default=False)] = None,
-    l2: Annotated[bool | None, typer.Option("--l2/--no-l2", help="L2-normalise rows before centring and after projecting (default: on with --whiten).", show_default=False)] = None,
-    sample: Annotated[int | None, typer.Option("--sample", metavar="N", help="Rows to fit on (default: 100000, at most ~2 GiB of float32, at most all).", show_default=False)] = None,
+    whiten: Annotated[
+        bool, typer.Option("--whiten", help="PCA-whitening (unit variance per axis).")
+    ] = False,
+    power: Annotated[
+        float | None,
+        typer.Option(
+            "--power",
+            help="Signed power normalisation first, e.g. 0.5 (default: off).",
+            show_default=False,
+        ),
+    ] = None,
+    l2: Annotated[
+        bool | None,
+        typer.Option(
+            "--l2/--no-l2",
+            help="L2-normalise rows before centring and after projecting (default: on with --whiten).",
+            show_default=False,
+        ),
+    ] = None,
+    sample: Annotated[
+        int | None,
+        typer.Option(
+            "--sample",
+            metavar="N",
+            help="Rows to fit on (default: 100000, at most ~2 GiB of float32, at most all).",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the row sample.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DEST if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    device: Annotated[
+        str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+    ] = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace DEST if it exists.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")
+    ] = False,
 ) -> None:
     """PCA (--whiten: PCA-whitening) fitted on a sample, applied to every row: power, L2,
     centre, project, whiten, L2."""
@@ -371,37 +538,84 @@ def reduce(
     try:
         from .retrieval import reduce as do_reduce
 
-        fitted = do_reduce(source, dest, dim=dim, whiten=whiten, power=power, l2=l2, sample=sample,
-                           seed=seed, overwrite=overwrite, device=device, progress=progress)  # fmt: skip
+        fitted = do_reduce(
+            source,
+            dest,
+            dim=dim,
+            whiten=whiten,
+            power=power,
+            l2=l2,
+            sample=sample,
+            seed=seed,
+            overwrite=overwrite,
+            device=device,
+            progress=progress,
+        )
     except SppError as exc:
         progress.close()
         raise _fail(exc) from None
     progress.close()
     if not quiet:
-        kept = float(fitted.explained_variance.sum()) / max(fitted.settings["total_variance"], 1e-30)
-        typer.echo(f"{fitted.settings['source_rows']} rows, {fitted.input_dim} -> {fitted.dim} dims "
-                   f"(fitted on {fitted.settings['sample_rows']} rows, {kept:.1%} of their variance)"
-                   f" -> {printable(str(dest))}", err=True)  # fmt: skip
+        kept = float(fitted.explained_variance.sum()) / max(
+            fitted.settings["total_variance"], 1e-30
+        )
+        typer.echo(
+            f"{fitted.settings['source_rows']} rows, {fitted.input_dim} -> {fitted.dim} dims "
+            f"(fitted on {fitted.settings['sample_rows']} rows, {kept:.1%} of their variance)"
+            f" -> {printable(str(dest))}",
+            err=True,
+        )
 
 
 @app.command()
 def neighbors(
     source: Annotated[Path, typer.Argument(help="An spp-extract HDF5 file (full or reduced).")],
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per row (itself excluded).")] = 10,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="HDF5 file: neighbors/index, neighbors/similarity, paths.", show_default=False)] = None,
-    pairs: Annotated[Path | None, typer.Option("--pairs", help="CSV of near-duplicate pairs: path_a,path_b,similarity.", show_default=False)] = None,
-    threshold: Annotated[float, typer.Option("--threshold", help="Least cosine similarity of a pair in --pairs.")] = 0.95,
-    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the outputs if they exist.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="HDF5 file: neighbors/index, neighbors/similarity, paths.",
+            show_default=False,
+        ),
+    ] = None,
+    pairs: Annotated[
+        Path | None,
+        typer.Option(
+            "--pairs",
+            help="CSV of near-duplicate pairs: path_a,path_b,similarity.",
+            show_default=False,
+        ),
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="Least cosine similarity of a pair in --pairs.")
+    ] = 0.95,
+    device: Annotated[
+        str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+    ] = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the outputs if they exist.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")
+    ] = False,
 ) -> None:
     """Exact cosine top-k neighbours of every row; near-duplicate pairs with --pairs."""
     progress = Progress(sys.stderr, enabled=not quiet)
     try:
         from .retrieval import find_neighbors, pairs_above
 
-        found = find_neighbors(source, output, k, pairs=pairs, threshold=threshold,
-                               overwrite=overwrite, device=device, progress=progress)  # fmt: skip
+        found = find_neighbors(
+            source,
+            output,
+            k,
+            pairs=pairs,
+            threshold=threshold,
+            overwrite=overwrite,
+            device=device,
+            progress=progress,
+        )
     except SppError as exc:
         progress.close()
         raise _fail(exc) from None

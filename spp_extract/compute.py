@@ -38,8 +38,16 @@ class Extractor:
     """Trunk + SPP on one device: uint8 batches in, vectors out. Exact batching of mixed
     sizes when ``padded`` (masked padding), identical sizes otherwise."""
 
-    def __init__(self, trunk: Trunk, config: Config, device: torch.device, *, padded: bool,
-                 budget: int | None = None, memory: MemoryModel | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        trunk: Trunk,
+        config: Config,
+        device: torch.device,
+        *,
+        padded: bool,
+        budget: int | None = None,
+        memory: MemoryModel | None = None,
+    ) -> None:
         """``budget``: bytes one image's forward may use (None: no limit; a single image that
         runs out of memory is still retried tiled). ``memory``: the trunk's memory model, if
         already made (``Runtime.memory``)."""
@@ -78,7 +86,9 @@ class Extractor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         inputs = [m.input_size for m in metas]
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.autocast, enabled=self.autocast is not None
+        ):
             if self.masked is not None:
                 out, finals = self.masked(x, inputs)
             else:
@@ -138,7 +148,9 @@ class Extractor:
         results: list[Tensor | ImageError | None] = [None] * len(metas)
         for (h, w), rows in by_size.items():
             part = pixels[torch.tensor(rows)][:, :, :h, :w]  # (n, 3, h, w)
-            for row, result in zip(rows, self._fitting(part, [metas[r] for r in rows]), strict=True):
+            for row, result in zip(
+                rows, self._fitting(part, [metas[r] for r in rows]), strict=True
+            ):
                 results[row] = result
         return results  # type: ignore[return-value]
 
@@ -160,8 +172,9 @@ class Extractor:
                     return [self._large(pixels, metas[0], self.memory.peak(h, w) // 4)]
                 return [ImageError("out_of_memory", "this image does not fit in device memory")]
             half = len(metas) // 2
-            return self._fitting(pixels[:half], metas[:half]) + self._fitting(pixels[half:], metas[half:])
-
+            return self._fitting(pixels[:half], metas[:half]) + self._fitting(
+                pixels[half:], metas[half:]
+            )
 
     def _large(self, pixels: Tensor, meta: RowMeta, budget: int) -> Tensor | ImageError:
         """One image over ``budget``: tiled when the trunk allows it (smaller tiles after an
@@ -187,17 +200,22 @@ class Extractor:
                 meta.tiles = tiles
                 return vector.to("cpu")
             except NotTileable as exc:  # the tracer knows better than the module deny-list
-                return ImageError("too_large", f"{h}x{w} needs about {show_size(need)}, over "
-                                  f"max_memory = {show_size(budget)}, and {self.config.backbone} "
-                                  f"cannot be tiled ({exc}); use a larger max_memory")  # fmt: skip
+                return ImageError(
+                    "too_large",
+                    f"{h}x{w} needs about {show_size(need)}, over "
+                    f"max_memory = {show_size(budget)}, and {self.config.backbone} "
+                    f"cannot be tiled ({exc}); use a larger max_memory",
+                )
             except (RuntimeError, MemoryError) as exc:
                 if not _out_of_memory(exc):
                     raise
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 if self._at_minimum(budget, h, w):
-                    return ImageError("out_of_memory", f"{h}x{w} does not fit in memory even in "
-                                      "the smallest tiles")  # fmt: skip
+                    return ImageError(
+                        "out_of_memory",
+                        f"{h}x{w} does not fit in memory even in the smallest tiles",
+                    )
                 budget //= 4
 
     def _at_minimum(self, budget: int, height: int, width: int) -> bool:
@@ -239,11 +257,15 @@ class Extractor:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         prepare = normalising(self.mean, self.std, meta.image_size, memory_format=memory_format)
         levels, mode = self.config.levels, self.config.pooling
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.autocast, enabled=self.autocast is not None
+        ):
             if stream:
                 vector = tiled_spp(self.module, x, plan, levels, mode, prepare=prepare)  # type: ignore[arg-type]
             else:
-                stitched = tiled_trunk(self.module, x, plan, prepare=prepare).float()  # (1, C, h', w')
+                stitched = tiled_trunk(
+                    self.module, x, plan, prepare=prepare
+                ).float()  # (1, C, h', w')
                 vector = spatial_pyramid_pool(stitched, levels, mode)  # type: ignore[arg-type]
         meta.feature_map_size = out_size
         return vector[0], len(plan)
@@ -265,5 +287,6 @@ def _out_of_memory(exc: BaseException) -> bool:
         return True
     message = str(exc)
     return "DefaultCPUAllocator" in message or any(
-        phrase in message.lower() for phrase in ("can't allocate memory", "not enough memory", "out of memory")
+        phrase in message.lower()
+        for phrase in ("can't allocate memory", "not enough memory", "out of memory")
     )

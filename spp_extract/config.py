@@ -61,7 +61,9 @@ class Config:
             object.__setattr__(self, name, value)
             _check(name, value)
         if bool(self.mean) != bool(self.std):
-            raise ConfigError("mean and std must be set together (three numbers each) or not at all")
+            raise ConfigError(
+                "mean and std must be set together (three numbers each) or not at all"
+            )
         object.__setattr__(self, "origins", MappingProxyType(dict(self.origins)))
 
     def replace(self, **changes: Any) -> Config:
@@ -76,7 +78,16 @@ class Config:
 KEYS = tuple(f.name for f in fields(Config) if f.name != "origins")
 # Keys whose values change the vectors: a resumed run must agree on all of them.
 MODEL_KEYS = (
-    "backbone", "layer", "weights", "levels", "pooling", "mean", "std", "seed", "dtype", "precision",
+    "backbone",
+    "layer",
+    "weights",
+    "levels",
+    "pooling",
+    "mean",
+    "std",
+    "seed",
+    "dtype",
+    "precision",
 )
 CHOICES = {
     "pooling": ("max", "avg"),
@@ -94,8 +105,20 @@ MEAN_RANGE, STD_RANGE = (-1000.0, 1000.0), (1e-6, 1000.0)  # pixels are in [0, 1
 SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.manual_seed accepts and TOML can hold
 MIN_MEMORY, MAX_MEMORY = 10**6, 10**15  # max_memory: 1 MB to 1 PB
 _SIZE = re.compile(r"^ *([0-9]{1,16}(?:\.[0-9]{1,6})?) *([KMGTP]i?B|B)? *$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "pb": 10**15,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "pib": 2**50,
+}
 
 
 def memory_size(text: str) -> int | None:
@@ -171,15 +194,21 @@ def _check(name: str, value: Any) -> None:
             or not all(_is_int(n) and 1 <= n <= MAX_LEVEL for n in value)
             or len(set(value)) != len(value)
         ):
-            raise _invalid(name, value, f"1 to {MAX_LEVELS} distinct integers from 1 to "
-                           f"{MAX_LEVEL}, such as [4, 2, 1]")  # fmt: skip
+            raise _invalid(
+                name,
+                value,
+                f"1 to {MAX_LEVELS} distinct integers from 1 to {MAX_LEVEL}, such as [4, 2, 1]",
+            )
     elif name in ("mean", "std"):
         low, high = MEAN_RANGE if name == "mean" else STD_RANGE
-        if not isinstance(value, tuple) or len(value) not in (0, 3) or not all(
-            _in_range(v, low, high) for v in value
+        if (
+            not isinstance(value, tuple)
+            or len(value) not in (0, 3)
+            or not all(_in_range(v, low, high) for v in value)
         ):
-            raise _invalid(name, value, f"three finite numbers (one per RGB channel) from "
-                           f"{low:g} to {high:g}")  # fmt: skip
+            raise _invalid(
+                name, value, f"three finite numbers (one per RGB channel) from {low:g} to {high:g}"
+            )
     elif name == "device":
         if not isinstance(value, str) or not _DEVICE.match(value):
             raise _invalid(name, value, "auto, cpu, cuda, cuda:N or mps")
@@ -195,14 +224,16 @@ def _check(name: str, value: Any) -> None:
     elif name == "max_memory":
         size = memory_size(value) if isinstance(value, str) else None
         if value != AUTO and (size is None or not MIN_MEMORY <= size <= MAX_MEMORY):
-            raise _invalid(name, value, "a size from 1MB to 1PB such as '512MB', '4GB' or "
-                           "'2GiB', or 'auto'")  # fmt: skip
+            raise _invalid(
+                name, value, "a size from 1MB to 1PB such as '512MB', '4GB' or '2GiB', or 'auto'"
+            )
     elif name == "seed":
         _check_int(name, value, *SEED_RANGE)
     elif name in ("decode_timeout", "commit_seconds"):
         if not _in_range(value, 0.0, MAX_SECONDS) or value <= 0:
-            raise _invalid(name, value, f"a number of seconds > 0 and at most {MAX_SECONDS:g} "
-                           "(one week)")  # fmt: skip
+            raise _invalid(
+                name, value, f"a number of seconds > 0 and at most {MAX_SECONDS:g} (one week)"
+            )
     elif name in ("allow_truncated", "follow_symlinks"):
         if not isinstance(value, bool):
             raise _invalid(name, value, "true or false")
@@ -275,8 +306,15 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
     return Config(**values, origins=origins)
 
 
-_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
-            "\r": "\\r"}  # fmt: skip
+_ESCAPES = {
+    "\\": "\\\\",
+    '"': '\\"',
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -362,7 +400,9 @@ def int_or_none(name: str) -> Callable[[str], int | str]:
         if text == NONE:
             return NONE
         if not _INT.match(text):
-            raise ConfigError(f"--{name} '{printable(text)}' is invalid; expected an integer or 'none'")
+            raise ConfigError(
+                f"--{name} '{printable(text)}' is invalid; expected an integer or 'none'"
+            )
         return digits(text)
 
     return parse
@@ -374,8 +414,10 @@ def size_or_auto(name: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         size = memory_size(text)
         if text != AUTO and (size is None or not MIN_MEMORY <= size <= MAX_MEMORY):
-            raise ConfigError(f"--{name} '{printable(text)}' is invalid; expected a size from 1MB "
-                              "to 1PB such as 512MB, 4GB or 2GiB, or 'auto'")  # fmt: skip
+            raise ConfigError(
+                f"--{name} '{printable(text)}' is invalid; expected a size from 1MB "
+                "to 1PB such as 512MB, 4GB or 2GiB, or 'auto'"
+            )
         return text.strip()
 
     return parse

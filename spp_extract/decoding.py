@@ -36,8 +36,9 @@ def decode_item(ref: images.ImageRef, index: int, min_side: int, config: Config)
     if ref.problem is not None:  # a folder that could not be listed: nothing to open
         return failure(ref, index, *ref.problem)
     try:
-        decoded = images.decode(ref.path, max_pixels=pixel_limit(config),
-                                allow_truncated=config.allow_truncated)  # fmt: skip
+        decoded = images.decode(
+            ref.path, max_pixels=pixel_limit(config), allow_truncated=config.allow_truncated
+        )
     except ImageError as exc:
         return failure(ref, index, exc.kind, exc.message)
     except Exception as exc:  # noqa: BLE001 - one image must never stop the run
@@ -46,9 +47,11 @@ def decode_item(ref: images.ImageRef, index: int, min_side: int, config: Config)
     meta = RowMeta(
         image_size=(height, width),
         input_size=(max(height, min_side), max(width, min_side)),
-        mode=decoded.mode, truncated=decoded.truncated,
-        file_size=decoded.file_size, mtime_ns=decoded.mtime_ns,
-    )  # fmt: skip
+        mode=decoded.mode,
+        truncated=decoded.truncated,
+        file_size=decoded.file_size,
+        mtime_ns=decoded.mtime_ns,
+    )
     return Item(index, decoded.pixels, meta)
 
 
@@ -116,7 +119,9 @@ def collate(items: list[Item], multiple: int = 1) -> Batch:
 
 def isolated_decode(ref: images.ImageRef, index: int, min_side: int, config: Config) -> Item:
     """Decode in a throw-away process: a crash or hang becomes a failure record."""
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    ctx = multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    )
     parent, child = ctx.Pipe(duplex=False)
 
     def target() -> None:
@@ -137,11 +142,17 @@ def isolated_decode(ref: images.ImageRef, index: int, min_side: int, config: Con
             except EOFError:
                 pass
             except Exception as exc:  # noqa: BLE001 - whatever came back is unusable
-                problem = f"the decoder's result could not be received ({type(exc).__name__}: {exc})"
+                problem = (
+                    f"the decoder's result could not be received ({type(exc).__name__}: {exc})"
+                )
         else:
             process.kill()
-            return failure(ref, index, "decode_timeout",
-                           f"decoding took longer than {config.decode_timeout:g} s")  # fmt: skip
+            return failure(
+                ref,
+                index,
+                "decode_timeout",
+                f"decoding took longer than {config.decode_timeout:g} s",
+            )
     finally:
         process.join(5)
         parent.close()
@@ -186,9 +197,17 @@ def read_sizes(refs: Sequence[images.ImageRef], workers: int) -> list[tuple[int,
     return [size for chunk in loader for size in chunk]
 
 
-def decoded_batches(refs: Sequence[images.ImageRef], planner: Planner, min_side: int,
-                    config: Config, *, workers: int, multiple: int, pin_memory: bool,
-                    caught: list[int]) -> Iterator[Batch]:  # fmt: skip
+def decoded_batches(
+    refs: Sequence[images.ImageRef],
+    planner: Planner,
+    min_side: int,
+    config: Config,
+    *,
+    workers: int,
+    multiple: int,
+    pin_memory: bool,
+    caught: list[int],
+) -> Iterator[Batch]:
     """The planner's batches of ``refs``, decoded by ``workers`` processes. A worker that
     crashes or hangs (``decode_timeout``) is replaced: the batch it was working on is decoded
     again one image at a time in throw-away processes, and the rest goes on. ``caught``: the
@@ -196,11 +215,16 @@ def decoded_batches(refs: Sequence[images.ImageRef], planner: Planner, min_side:
     dataset = DecodeDataset(refs, min_side, config)
     while True:
         loader = DataLoader(
-            dataset, batch_sampler=planner, num_workers=workers, collate_fn=Collate(multiple),
-            pin_memory=pin_memory, timeout=config.decode_timeout if workers else 0,
-            prefetch_factor=PREFETCH if workers else None, persistent_workers=False,
+            dataset,
+            batch_sampler=planner,
+            num_workers=workers,
+            collate_fn=Collate(multiple),
+            pin_memory=pin_memory,
+            timeout=config.decode_timeout if workers else 0,
+            prefetch_factor=PREFETCH if workers else None,
+            persistent_workers=False,
             worker_init_fn=ignore_sigint,
-        )  # fmt: skip
+        )
         batches = iter(loader)
         while True:
             try:
@@ -221,4 +245,3 @@ def decoded_batches(refs: Sequence[images.ImageRef], planner: Planner, min_side:
         suspect = next(iter(planner))  # the first batch not received
         planner.received()
         yield collate([isolated_decode(refs[i], i, min_side, config) for i in suspect])
-

@@ -44,8 +44,10 @@ class Interrupted(SppError):
     """SIGINT/SIGTERM: committed work is kept; the exit status is 128 + signal."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; work up to now is "
-                         "committed; rerun the same command with --resume to finish")  # fmt: skip
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name}; work up to now is "
+            "committed; rerun the same command with --resume to finish"
+        )
         self.exit_code = 128 + signum
 
 

@@ -91,7 +91,9 @@ def _walk(root: str, follow_symlinks: bool) -> list[tuple[str, tuple[str, str] |
     found: list[tuple[str, tuple[str, str] | None]] = []
     unlisted: list[OSError] = []  # os.walk skips a folder it cannot list; we record it
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=follow_symlinks):
+    for dirpath, dirnames, filenames in os.walk(
+        root, onerror=unlisted.append, followlinks=follow_symlinks
+    ):
         if follow_symlinks:
             try:
                 st = os.stat(dirpath)
@@ -154,8 +156,11 @@ def _list_entries(files_from: str | Path) -> list[tuple[str, str]]:
     except OSError as exc:
         raise ConfigError(f"cannot read --files-from {str(files_from)!r}: {exc.strerror}") from None
     name = printable(str(files_from))
-    return [(os.fsdecode(line.rstrip(b"\r")), f" on line {number} of {name}")
-            for number, line in enumerate(raw.split(b"\n"), 1) if line.strip()]  # fmt: skip
+    return [
+        (os.fsdecode(line.rstrip(b"\r")), f" on line {number} of {name}")
+        for number, line in enumerate(raw.split(b"\n"), 1)
+        if line.strip()
+    ]
 
 
 def find_images(
@@ -185,16 +190,23 @@ def find_images(
         elif os.path.lexists(entry):
             collector.add(entry, entry)
         elif where:
-            raise ConfigError(f"input '{printable(entry)}'{where} does not exist "
-                              "(paths in the list are relative to the current folder)")  # fmt: skip
+            raise ConfigError(
+                f"input '{printable(entry)}'{where} does not exist "
+                "(paths in the list are relative to the current folder)"
+            )
         else:
             raise ConfigError(f"input '{printable(entry)}' does not exist; check the path")
     refs = sorted(collector.refs.values(), key=lambda ref: ref.key_bytes)
     return Found(refs, collector.overlaps)
 
 
-_NOT_REGULAR = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
-                stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
+_NOT_REGULAR = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
 
 
@@ -328,7 +340,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     try:
         return img.convert("RGB")
     except (ValueError, OSError) as exc:
-        raise ImageError("unsupported_mode", f"cannot convert mode {mode!r} to RGB: {exc}") from None
+        raise ImageError(
+            "unsupported_mode", f"cannot convert mode {mode!r} to RGB: {exc}"
+        ) from None
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -420,7 +434,9 @@ def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Deco
         raise
     except FileNotFoundError:
         if os.path.islink(path):
-            raise ImageError("dangling_symlink", f"symlink target missing: {os.readlink(path)}") from None
+            raise ImageError(
+                "dangling_symlink", f"symlink target missing: {os.readlink(path)}"
+            ) from None
         raise ImageError("missing", "file not found (removed after the scan?)") from None
     except PermissionError as exc:
         raise ImageError("permission_denied", str(exc)) from None
@@ -430,7 +446,17 @@ def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Deco
         raise ImageError("too_large", str(exc)) from None
     except MemoryError:
         raise ImageError("out_of_memory", "not enough memory to decode this image") from None
-    except (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, EOFError,
-            struct.error, zlib.error, RuntimeError) as exc:  # fmt: skip
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        EOFError,
+        struct.error,
+        zlib.error,
+        RuntimeError,
+    ) as exc:
         # Pillow's decoders raise all of these for corrupt data.
         raise ImageError("corrupt", f"{type(exc).__name__}: {exc}") from None

@@ -43,14 +43,37 @@ def _mixes_positions(module: nn.Module) -> bool:
 # An allow-list: only what has been checked exact under masking passes; anything else (squeeze-
 # excitation, adaptive or functional pooling, attention, group/instance norm, a block whose
 # forward() has not been read) refuses, so a new module can never be batched inexactly.
-_POINTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
-              nn.Tanh, nn.LeakyReLU, nn.Identity, LayerNorm2d)  # fmt: skip
+_POINTWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.Identity,
+    LayerNorm2d,
+)
 # Evaluation mode only: in training mode these use batch statistics or randomness.
 _POINTWISE_IN_EVAL = (nn.Dropout, nn.Dropout2d, StochasticDepth)
 # Blocks whose forward() only runs their children and adds, concatenates, splits or shuffles
 # channels: exact when their children are.
-_BLOCKS = (BasicBlock, Bottleneck, _DenseBlock, _DenseLayer, MobileNetV2Block, ResBottleneckBlock,
-           CNBlock, Fire, ShuffleNetBlock, MNASNetBlock, GoogLeNetConv, Inception)  # fmt: skip
+_BLOCKS = (
+    BasicBlock,
+    Bottleneck,
+    _DenseBlock,
+    _DenseLayer,
+    MobileNetV2Block,
+    ResBottleneckBlock,
+    CNBlock,
+    Fire,
+    ShuffleNetBlock,
+    MNASNetBlock,
+    GoogLeNetConv,
+    Inception,
+)
 # Per-position only where the channels are the last axis: inside a ConvNeXt block, between its
 # two Permutes (Linear and LayerNorm over channels).
 _CHANNELS_LAST = (Permute, nn.LayerNorm, nn.Linear)
@@ -76,9 +99,11 @@ def _refusal(module: nn.Module, in_convnext_block: bool = False) -> str | None:
     elif isinstance(module, _CHANNELS_LAST) and not isinstance(module, LayerNorm2d):
         if not in_convnext_block:
             return f"{module} outside a ConvNeXt block may mix positions"
-    elif not (isinstance(module, (nn.MaxPool2d, *_POINTWISE, *_BLOCKS))
-              or type(module).forward is nn.Sequential.forward
-              or getattr(type(module), "pointwise", False) is True):  # fmt: skip
+    elif not (
+        isinstance(module, (nn.MaxPool2d, *_POINTWISE, *_BLOCKS))
+        or type(module).forward is nn.Sequential.forward
+        or getattr(type(module), "pointwise", False) is True
+    ):
         return f"{type(module).__name__} is not known to be exact under masking"
     inner = in_convnext_block or isinstance(module, CNBlock)
     for child in module.children():

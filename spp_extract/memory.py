@@ -59,8 +59,9 @@ class _Allocator(TorchFunctionMode):
         return out
 
 
-def traced_peak(meta: nn.Module, height: int, width: int, *, batch: int = 1,
-                dtype: torch.dtype = torch.float32) -> int:  # fmt: skip
+def traced_peak(
+    meta: nn.Module, height: int, width: int, *, batch: int = 1, dtype: torch.dtype = torch.float32
+) -> int:
     """Peak bytes of live activations (input included) of one forward on the meta device."""
     allocator = _Allocator()
     x = torch.empty(batch, 3, height, width, device="meta", dtype=dtype)
@@ -108,6 +109,7 @@ def memory_model(module: nn.Module, precision: str = "fp32", device: str = "cpu"
 
 # ----------------------------------------------------------------------------- the budget
 
+
 def show_size(nbytes: float) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if nbytes >= scale:
@@ -132,9 +134,13 @@ def available_bytes() -> int:
             available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
         except (ValueError, OSError, AttributeError):
             available = 4 * 10**9
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # fmt: skip
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
         try:
             with open(limit_file, encoding="ascii") as f:
                 limit = f.read().strip()
@@ -162,8 +168,9 @@ def decode_bytes(workers: int, batch_pixels: int) -> int:
     return workers * (WORKER_BYTES + PREFETCH * 3 * batch_pixels) + 3 * batch_pixels
 
 
-def memory_budget(max_memory: str, device: torch.device, model_bytes: int = 0,
-                  decoding: int = 0) -> int:  # fmt: skip
+def memory_budget(
+    max_memory: str, device: torch.device, model_bytes: int = 0, decoding: int = 0
+) -> int:
     """Bytes one forward (and the image it runs on) may use: ``max_memory``, or for ``auto`` a
     safe share of what is free when the run starts (host memory on CPU, device memory on
     CUDA), less the model's own size and, on CPU, what decoding holds (``decode_bytes``)."""

@@ -52,8 +52,10 @@ class SppModel(nn.Module):
         padded at the bottom/right with zeros after normalisation, as the tool does."""
         pixels = pil_to_tensor(image) if isinstance(image, Image.Image) else image
         if pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[0] != 3:
-            raise ValueError(f"expected a Pillow image or a uint8 Tensor[3, H, W], got "
-                             f"{pixels.dtype} {tuple(pixels.shape)}")  # fmt: skip
+            raise ValueError(
+                f"expected a Pillow image or a uint8 Tensor[3, H, W], got "
+                f"{pixels.dtype} {tuple(pixels.shape)}"
+            )
         device = next(self.trunk.parameters()).device
         mean = torch.tensor(self.mean, device=device).view(3, 1, 1)
         std = torch.tensor(self.std, device=device).view(3, 1, 1)
@@ -96,7 +98,13 @@ def create_model(
 ) -> SppModel:
     """A ready ``SppModel`` (eval mode, no gradients, CPU): the same backbone, layer, weights
     and pyramid choices as the configuration keys of the same names. Raises ConfigError."""
-    config = Config(backbone=backbone, layer=layer or "", weights=weights, levels=tuple(levels),
-                    pooling=pooling, seed=seed)  # fmt: skip
+    config = Config(
+        backbone=backbone,
+        layer=layer or "",
+        weights=weights,
+        levels=tuple(levels),
+        pooling=pooling,
+        seed=seed,
+    )
     with torch.random.fork_rng(devices=[]):
         return SppModel(build_trunk(config), config.levels, config.pooling).eval()

@@ -84,13 +84,28 @@ def extract(
         inputs = [inputs]
     # Building models (on the meta device too) draws on torch's RNG: the caller's is kept.
     with torch.random.fork_rng(devices=[]), process_settings_restored():
-        return _extract(inputs, Path(output).absolute(), config or Config(), files_from, resume,
-                        overwrite, retry_failed, progress)  # fmt: skip
+        return _extract(
+            inputs,
+            Path(output).absolute(),
+            config or Config(),
+            files_from,
+            resume,
+            overwrite,
+            retry_failed,
+            progress,
+        )
 
 
-def _extract(inputs: Sequence[str | os.PathLike[str]], output: Path, config: Config,
-             files_from: str | os.PathLike[str] | None, resume: bool, overwrite: bool,
-             retry_failed: bool, progress: Callable[[int, int], None] | None) -> Result:  # fmt: skip
+def _extract(
+    inputs: Sequence[str | os.PathLike[str]],
+    output: Path,
+    config: Config,
+    files_from: str | os.PathLike[str] | None,
+    resume: bool,
+    overwrite: bool,
+    retry_failed: bool,
+    progress: Callable[[int, int], None] | None,
+) -> Result:
     started = time.monotonic()
     ctx = Dist.from_env()
     resolved = resolve(config)
@@ -103,8 +118,10 @@ def _extract(inputs: Sequence[str | os.PathLike[str]], output: Path, config: Con
             stack.callback(lock.release, remove_if_unused=True)
         # Rank 0 takes the lock first, then checks what is there, and holds it to the end:
         # nothing can change the output between the check and the writing.
-        setup = on_rank0(ctx, lambda: rundir.setup(inputs, output, files_from, config, fp, lock,
-                                                   resume, overwrite))  # fmt: skip
+        setup = on_rank0(
+            ctx,
+            lambda: rundir.setup(inputs, output, files_from, config, fp, lock, resume, overwrite),
+        )
         # Loads weights (may still raise ConfigError) and sizes memory, on every rank.
         trunk, runtime = on_every_rank(ctx, lambda: _model(config, resolved, ctx, device))
         runtime.apply()
@@ -115,9 +132,17 @@ def _extract(inputs: Sequence[str | os.PathLike[str]], output: Path, config: Con
         keys, keep = [r.key_bytes for r in setup.refs], rundir.unlisted(setup.refs)
         dim = attrs["feature_dim"]
         try:
-            processed, failures = run_share(setup.refs, setup.run_dir, attempt, trunk, config,
-                                            runtime, retry_failed=retry_failed,
-                                            progress=progress, caught=caught)  # fmt: skip
+            processed, failures = run_share(
+                setup.refs,
+                setup.run_dir,
+                attempt,
+                trunk,
+                config,
+                runtime,
+                retry_failed=retry_failed,
+                progress=progress,
+                caught=caught,
+            )
         except (Interrupted, OutputError):
             if ctx.rank == 0 and not setup.keep_old_output:
                 _partial_view(output, setup.run_dir, keys, dim, config.dtype, attrs, keep)
@@ -126,38 +151,71 @@ def _extract(inputs: Sequence[str | os.PathLike[str]], output: Path, config: Con
             dist.barrier()
 
         def finish() -> tuple[int, int]:
-            counts = assemble(output, setup.run_dir, keys, dim, config.dtype, attrs, keep_prefixes=keep)
+            counts = assemble(
+                output, setup.run_dir, keys, dim, config.dtype, attrs, keep_prefixes=keep
+            )
             for other in shards_root(output).glob("run-*"):
                 if other != setup.run_dir:  # an --overwrite'n run: the new file is in place now
                     remove_tree(other)
             return counts
 
         rows, failed = on_rank0(ctx, finish)
-        return Result(output, rows, failed, dim, time.monotonic() - started, processed, failures,
-                      setup.overlaps, runtime)  # fmt: skip
+        return Result(
+            output,
+            rows,
+            failed,
+            dim,
+            time.monotonic() - started,
+            processed,
+            failures,
+            setup.overlaps,
+            runtime,
+        )
 
 
-def _model(config: Config, resolved: ResolvedModel, ctx: Dist, device: torch.device) -> tuple[Trunk, Runtime]:
+def _model(
+    config: Config, resolved: ResolvedModel, ctx: Dist, device: torch.device
+) -> tuple[Trunk, Runtime]:
     trunk = build_trunk(config, resolved)
     return trunk, Runtime.resolve(config, trunk, ctx, device)
 
 
-def _attrs(config: Config, resolved: ResolvedModel, trunk: Trunk, runtime: Runtime) -> dict[str, Any]:
+def _attrs(
+    config: Config, resolved: ResolvedModel, trunk: Trunk, runtime: Runtime
+) -> dict[str, Any]:
     """The output's root attributes: the configuration and what the run actually used."""
     return run_attrs(
-        backbone=resolved.backbone, layer=resolved.layer, weights=resolved.weights,
-        weights_id=resolved.weights_id, levels=list(config.levels), pooling=config.pooling,
-        channels=trunk.channels, feature_dim=spp_dim(trunk.channels, config.levels), dtype=config.dtype,
-        mean=list(resolved.mean), std=list(resolved.std), precision=config.precision,
+        backbone=resolved.backbone,
+        layer=resolved.layer,
+        weights=resolved.weights,
+        weights_id=resolved.weights_id,
+        levels=list(config.levels),
+        pooling=config.pooling,
+        channels=trunk.channels,
+        feature_dim=spp_dim(trunk.channels, config.levels),
+        dtype=config.dtype,
+        mean=list(resolved.mean),
+        std=list(resolved.std),
+        precision=config.precision,
         config=to_toml(rundir.resolved_config(config, resolved)),
-        spp_extract_version=__version__, torch_version=str(torch.__version__),
-        torchvision_version=str(torchvision.__version__), device=runtime.device.type,
-        batching="padded" if runtime.padded else "same-size", world_size=runtime.dist.world,
-    )  # fmt: skip
+        spp_extract_version=__version__,
+        torch_version=str(torch.__version__),
+        torchvision_version=str(torchvision.__version__),
+        device=runtime.device.type,
+        batching="padded" if runtime.padded else "same-size",
+        world_size=runtime.dist.world,
+    )
 
 
-def _partial_view(output: Path, run_dir: Path, keys: list[bytes], dim: int, dtype: str,
-                  attrs: dict[str, Any], keep: list[bytes]) -> None:  # fmt: skip
+def _partial_view(
+    output: Path,
+    run_dir: Path,
+    keys: list[bytes],
+    dim: int,
+    dtype: str,
+    attrs: dict[str, Any],
+    keep: list[bytes],
+) -> None:
     """After an interruption: the output shows what is committed (``complete = false``)."""
     try:
         assemble(output, run_dir, keys, dim, dtype, attrs, complete=False, keep_prefixes=keep)

@@ -38,8 +38,15 @@ class Planner:
     from the first one not received (after a decoder crash).
     """
 
-    def __init__(self, sizes: Sequence[tuple[int, int] | None], *, padded: bool,
-                 batch_size: int, batch_pixels: int, commit_seconds: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sizes: Sequence[tuple[int, int] | None],
+        *,
+        padded: bool,
+        batch_size: int,
+        batch_pixels: int,
+        commit_seconds: float,
+    ) -> None:
         self.sizes = sizes
         self.padded = padded
         self.batch_size = batch_size
@@ -91,9 +98,11 @@ class Planner:
             h, w = self.sizes[i]  # type: ignore[misc]
             nh, nw = max(height, h), max(width, w)
             fits = (
-                batch and group(batch[0]) == group(i) and len(batch) < self.batch_size
+                batch
+                and group(batch[0]) == group(i)
+                and len(batch) < self.batch_size
                 and (len(batch) + 1) * nh * nw <= self.batch_pixels
-            )  # fmt: skip
+            )
             if batch and not fits:
                 batches.append(batch)
                 batch, nh, nw = [], h, w
@@ -134,7 +143,13 @@ def partition(sizes: Sequence[tuple[int, int] | None], parts: int) -> list[int]:
     typical = int(np.median(known)) if known else 1
     cumulative = np.cumsum([s[0] * s[1] if s is not None else typical for s in sizes])
     total = int(cumulative[-1]) if len(sizes) else 0
-    cuts = [0] + [int(np.searchsorted(cumulative, total * p / parts, side="left")) + 1
-                  for p in range(1, parts)] + [len(sizes)]  # fmt: skip
+    cuts = (
+        [0]
+        + [
+            int(np.searchsorted(cumulative, total * p / parts, side="left")) + 1
+            for p in range(1, parts)
+        ]
+        + [len(sizes)]
+    )
     cuts = [min(max(c, 0), len(sizes)) for c in cuts]
     return [max(cuts[: i + 1]) for i in range(len(cuts))]  # monotone

@@ -44,7 +44,9 @@ def _row_index(rows: RowSelection, n: int) -> np.ndarray:
             raise IndexError(f"a boolean row mask must have shape ({n},), not {index.shape}")
         return np.flatnonzero(index)
     if index.ndim != 1 or (index.size and not np.issubdtype(index.dtype, np.integer)):
-        raise IndexError(f"rows must be a slice, a 1-D array of row numbers or a mask, not {rows!r}")
+        raise IndexError(
+            f"rows must be a slice, a 1-D array of row numbers or a mask, not {rows!r}"
+        )
     index = index.astype(np.int64)
     bad = (index < -n) | (index >= n)
     if bad.any():
@@ -52,7 +54,9 @@ def _row_index(rows: RowSelection, n: int) -> np.ndarray:
     return np.where(index < 0, index + n, index)
 
 
-def read_rows(dataset: h5py.Dataset, index: np.ndarray, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def read_rows(
+    dataset: h5py.Dataset, index: np.ndarray, block_rows: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Rows ``index`` (sorted, unique) of ``dataset`` as (positions in ``index``, rows) blocks
     of at most ``block_rows`` file rows each. h5py wants increasing indices, and a fancy read
     costs a selection per row: a dense run is read as one slice and picked from in memory."""
@@ -119,8 +123,10 @@ def read_features(path: str | os.PathLike[str], rows: RowSelection | None = None
         )
 
 
-def iter_features(path: str | os.PathLike[str], block_rows: int | None = None,
-                  ) -> Iterator[tuple[int, np.ndarray, list[str]]]:  # fmt: skip
+def iter_features(
+    path: str | os.PathLike[str],
+    block_rows: int | None = None,
+) -> Iterator[tuple[int, np.ndarray, list[str]]]:
     """Blocks of an spp-extract file, in row order: ``(start, features[start:start+n],
     paths[start:start+n])``, features as stored (float32 or float16). ``block_rows``: rows
     per block (default: about 256 MiB of features, at most 65,536 rows). Memory stays at one
@@ -139,8 +145,17 @@ def iter_features(path: str | os.PathLike[str], block_rows: int | None = None,
 
 
 # what the run actually used, shown by `inspect` (the configuration may say "auto")
-_RECORDED = ("device", "batching", "world_size", "weights", "complete", "spp_extract_version",
-             "torch_version", "torchvision_version", "created")  # fmt: skip
+_RECORDED = (
+    "device",
+    "batching",
+    "world_size",
+    "weights",
+    "complete",
+    "spp_extract_version",
+    "torch_version",
+    "torchvision_version",
+    "created",
+)
 
 
 def summary(path: Path, rows: int = 3) -> list[str]:
@@ -148,7 +163,9 @@ def summary(path: Path, rows: int = 3) -> list[str]:
     with h5py.File(path, "r", locking=False) as f:
         features = f["features"]
         n, dim = features.shape
-        lines = [f"{path}: {n} images, {dim}-dim {features.dtype}, layout {f.attrs.get('layout', '?')}"]
+        lines = [
+            f"{path}: {n} images, {dim}-dim {features.dtype}, layout {f.attrs.get('layout', '?')}"
+        ]
         if not f.attrs.get("complete", True):
             lines.append("INCOMPLETE: written by an interrupted run; rerun it with --resume")
         lines.append("configuration:")
@@ -156,11 +173,17 @@ def summary(path: Path, rows: int = 3) -> list[str]:
         for key in _RECORDED:
             if key in f.attrs:
                 value = f.attrs[key]
-                lines.append(f"{key}: {str(value).lower() if isinstance(value, np.bool_ | bool) else value}")
+                lines.append(
+                    f"{key}: {str(value).lower() if isinstance(value, np.bool_ | bool) else value}"
+                )
         failed = f["failed"]
         lines.append(f"failures: {failed['paths'].shape[0]}")
-        for p, k, e in zip(failed["paths"].asstr()[:], failed["error_class"].asstr()[:],
-                           failed["errors"].asstr()[:], strict=True):  # fmt: skip
+        for p, k, e in zip(
+            failed["paths"].asstr()[:],
+            failed["error_class"].asstr()[:],
+            failed["errors"].asstr()[:],
+            strict=True,
+        ):
             lines.append(f"  {printable(p)}: {k}: {printable(e)}")
         paths = f["paths"].asstr()
         tiles = f["tiles"][:] if "tiles" in f else np.zeros(n, np.int32)
@@ -171,5 +194,7 @@ def summary(path: Path, rows: int = 3) -> list[str]:
             size = tuple(int(v) for v in f["image_size"][i])
             fmap = tuple(int(v) for v in f["feature_map_size"][i])
             tiled = f"  tiles {int(tiles[i])}" if tiles[i] else ""
-            lines.append(f"row {i}: {printable(paths[i])}  size {size}  map {fmap}{tiled}  [{head}, ...]")
+            lines.append(
+                f"row {i}: {printable(paths[i])}  size {size}  map {fmap}{tiled}  [{head}, ...]"
+            )
     return lines

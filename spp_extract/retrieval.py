@@ -39,7 +39,16 @@ from .view import check_sources, identify
 Progress = Callable[[int, int], None]
 ORDER = "power -> l2 -> centre -> project -> whiten -> l2"
 # What decides the vectors a projection accepts (dtype and precision only add rounding).
-FINGERPRINT_KEYS = ("backbone", "layer", "weights", "levels", "pooling", "mean", "std", "feature_dim")
+FINGERPRINT_KEYS = (
+    "backbone",
+    "layer",
+    "weights",
+    "levels",
+    "pooling",
+    "mean",
+    "std",
+    "feature_dim",
+)
 SAMPLE_DEFAULT = 100_000
 SAMPLE_BYTES = 2 << 30  # the default sample is capped to about this much float32
 EXACT_SIDE = 1024  # exact SVD when the sample's smaller side is at most this (or near 2 x dim)
@@ -65,9 +74,15 @@ def prepare(x: Tensor, power: float, l2: bool) -> Tensor:
     return l2_normalize(x) if l2 else x
 
 
-def pca(x: Tensor, dim: int, *, method: Literal["auto", "exact", "lowrank"] = "auto",
-        oversample: int | None = None, niter: int = 6,
-        inplace: bool = False) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+def pca(
+    x: Tensor,
+    dim: int,
+    *,
+    method: Literal["auto", "exact", "lowrank"] = "auto",
+    oversample: int | None = None,
+    niter: int = 6,
+    inplace: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Principal axes of the rows of ``x`` (Tensor[n, D], float32), without a D x D matrix.
 
     Returns ``(mean Tensor[D], components Tensor[dim, D] with orthonormal rows, explained
@@ -150,7 +165,9 @@ class Projection:
         single = x.dim() == 1
         x = x[None] if single else x
         if x.dim() != 2 or x.shape[1] != self.input_dim:
-            raise ValueError(f"expected vectors of shape (n, {self.input_dim}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected vectors of shape (n, {self.input_dim}), got {tuple(x.shape)}"
+            )
         with torch.inference_mode():
             y = self.apply(x).cpu().numpy()
         return y[0] if single else y
@@ -162,8 +179,10 @@ class Projection:
         attrs = identify(path)
         with h5py.File(path, "r", locking=False) as f:
             if "reduce" not in f:
-                raise ConfigError(f"'{path}' holds no projection (no reduce/ group); make one "
-                                  "with `spp-extract reduce`")  # fmt: skip
+                raise ConfigError(
+                    f"'{path}' holds no projection (no reduce/ group); make one "
+                    "with `spp-extract reduce`"
+                )
             group = f["reduce"]
             settings = {k: _plain(v) for k, v in group.attrs.items()} | {"file": str(path)}
             return cls(
@@ -200,10 +219,15 @@ def fingerprint(attrs_or_config: dict[str, Any] | Config) -> dict[str, Any]:
         resolved = resolve(config)
         _, channels, _ = describe(resolved.backbone, resolved.layer)
         values = {
-            "backbone": resolved.backbone, "layer": resolved.layer, "weights": _weights(resolved),
-            "levels": list(config.levels), "pooling": config.pooling, "mean": list(resolved.mean),
-            "std": list(resolved.std), "feature_dim": spp_dim(channels, config.levels),
-        }  # fmt: skip
+            "backbone": resolved.backbone,
+            "layer": resolved.layer,
+            "weights": _weights(resolved),
+            "levels": list(config.levels),
+            "pooling": config.pooling,
+            "mean": list(resolved.mean),
+            "std": list(resolved.std),
+            "feature_dim": spp_dim(channels, config.levels),
+        }
         if resolved.weights == "none":
             values["seed"] = config.seed
         return values
@@ -233,12 +257,18 @@ def check_projection(projection: Projection, attrs_or_config: dict[str, Any] | C
     fitted = fingerprint(projection.source)
     here = fingerprint(attrs_or_config)
     keys = [k for k in (*FINGERPRINT_KEYS, "seed") if k in fitted or k in here]
-    diff = [f"{k}: {fitted.get(k)!r} (projection) vs {here.get(k)!r}" for k in keys
-            if fitted.get(k) != here.get(k)]  # fmt: skip
+    diff = [
+        f"{k}: {fitted.get(k)!r} (projection) vs {here.get(k)!r}"
+        for k in keys
+        if fitted.get(k) != here.get(k)
+    ]
     if diff:
         name = projection.settings.get("file", "the projection")
-        raise ConfigError(f"{name} was fitted on vectors of another configuration ("
-                          + "; ".join(diff) + "); extract with the same settings, or reduce anew")
+        raise ConfigError(
+            f"{name} was fitted on vectors of another configuration ("
+            + "; ".join(diff)
+            + "); extract with the same settings, or reduce anew"
+        )
 
 
 def _config_sha256(attrs: dict[str, Any]) -> str:
@@ -269,9 +299,12 @@ def _check_dest(source: Path, dest: Path, overwrite: bool) -> None:
         raise ConfigError(f"'{dest}' is a folder; give a file name to write")
     if not dest.parent.is_dir():
         raise ConfigError(f"folder '{dest.parent}' does not exist; create it first")
-    if dest.resolve() == source.resolve() or dest.resolve().is_relative_to(shards_root(source).resolve()):
-        raise ConfigError(f"'{dest}' is {source.name} itself or inside its shards folder; "
-                          "write somewhere else")  # fmt: skip
+    if dest.resolve() == source.resolve() or dest.resolve().is_relative_to(
+        shards_root(source).resolve()
+    ):
+        raise ConfigError(
+            f"'{dest}' is {source.name} itself or inside its shards folder; write somewhere else"
+        )
     if dest.exists() and not overwrite:
         raise ConfigError(f"'{dest}' exists; pass {option('overwrite')} to replace it")
 
@@ -280,15 +313,24 @@ def _sample_index(n: int, sample: int, seed: int) -> np.ndarray:
     """``sample`` distinct row numbers out of ``n``, sorted (h5py reads increasing indices)."""
     if sample >= n:
         return np.arange(n, dtype=np.int64)
-    return np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False)).astype(np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False)).astype(
+        np.int64
+    )
 
 
 def fit_projection(
-    path: str | os.PathLike[str], *, dim: int, whiten: bool = False, power: float | None = None,
-    l2: bool | None = None, sample: int | None = None, seed: int = 0,
-    method: Literal["auto", "exact", "lowrank"] = "auto", device: str | torch.device | None = None,
+    path: str | os.PathLike[str],
+    *,
+    dim: int,
+    whiten: bool = False,
+    power: float | None = None,
+    l2: bool | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    method: Literal["auto", "exact", "lowrank"] = "auto",
+    device: str | torch.device | None = None,
     progress: Progress | None = None,
-) -> Projection:  # fmt: skip
+) -> Projection:
     """Fit PCA (``whiten``: PCA-whitening) to ``dim`` dimensions on a seeded random sample of
     the rows of an spp-extract file.
 
@@ -307,8 +349,10 @@ def fit_projection(
         raise ConfigError(f"seed {seed} is invalid; expected an integer >= 0")
     with h5py.File(path, "r", locking=False) as f:
         if "reduce" in f:
-            raise ConfigError(f"'{path}' is already reduced (it has a reduce/ group); reduce the "
-                              "original file instead")  # fmt: skip
+            raise ConfigError(
+                f"'{path}' is already reduced (it has a reduce/ group); reduce the "
+                "original file instead"
+            )
         ds = f["features"]
         n, d = ds.shape
         if sample is None:
@@ -318,17 +362,23 @@ def fit_projection(
         else:
             rows = min(n, sample)
         if not 1 <= dim <= d:
-            raise ConfigError(f"dim {dim} is invalid for {path.name}: its vectors have {d} values; "
-                              f"choose 1 to {d}")  # fmt: skip
+            raise ConfigError(
+                f"dim {dim} is invalid for {path.name}: its vectors have {d} values; "
+                f"choose 1 to {d}"
+            )
         if dim > rows - 1:
-            raise ConfigError(f"dim {dim} needs at least {dim + 1} sampled rows, and the sample has "
-                              f"{rows} (file rows: {n}); lower {option('dim')} or raise "
-                              f"{option('sample')}")  # fmt: skip
+            raise ConfigError(
+                f"dim {dim} needs at least {dim + 1} sampled rows, and the sample has "
+                f"{rows} (file rows: {n}); lower {option('dim')} or raise "
+                f"{option('sample')}"
+            )
         target = _device(device)
         index = _sample_index(n, rows, seed)
         x = torch.empty(rows, d, dtype=torch.float32, device=target)  # (sample, D)
         for positions, block in read_rows(ds, index, block_rows_for(d, ds.dtype.itemsize)):
-            x[positions[0] : positions[-1] + 1] = prepare(torch.from_numpy(block).to(target), power, l2)
+            x[positions[0] : positions[-1] + 1] = prepare(
+                torch.from_numpy(block).to(target), power, l2
+            )
             if progress is not None:
                 progress(int(positions[-1]) + 1, rows)
     with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
@@ -342,20 +392,42 @@ def fit_projection(
         floor = max(float(variance[0]) * 1e-12, 1e-30)  # a zero-variance axis is not blown up
         scale = variance.double().clamp_min(floor).rsqrt().float().cpu().numpy()
     settings = {
-        "dim": dim, "whiten": whiten, "power": power, "l2": l2, "order": ORDER,
-        "sample_rows": rows, "seed": seed, "method": method, "source_file": path.name,
-        "source_rows": n, "source_dim": d, "source_config_sha256": _config_sha256(attrs),
+        "dim": dim,
+        "whiten": whiten,
+        "power": power,
+        "l2": l2,
+        "order": ORDER,
+        "sample_rows": rows,
+        "seed": seed,
+        "method": method,
+        "source_file": path.name,
+        "source_rows": n,
+        "source_dim": d,
+        "source_config_sha256": _config_sha256(attrs),
         "total_variance": total,
-    }  # fmt: skip
-    return Projection(mean.cpu().numpy(), components.cpu().numpy(), variance.cpu().numpy(), scale,
-                      power, l2, attrs, settings)  # fmt: skip
+    }
+    return Projection(
+        mean.cpu().numpy(),
+        components.cpu().numpy(),
+        variance.cpu().numpy(),
+        scale,
+        power,
+        l2,
+        attrs,
+        settings,
+    )
 
 
 def project_file(
-    source: str | os.PathLike[str], dest: str | os.PathLike[str], projection: Projection, *,
-    overwrite: bool = False, device: str | torch.device | None = None,
-    block_rows: int | None = None, progress: Progress | None = None,
-) -> int:  # fmt: skip
+    source: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    projection: Projection,
+    *,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    block_rows: int | None = None,
+    progress: Progress | None = None,
+) -> int:
     """Write ``dest``: a self-contained copy (``layout = "merged"``) of the spp-extract file
     ``source`` with ``features (N, dim)`` float32 projected by ``projection``, every other
     dataset and group (paths, sizes, failures) and the root attributes kept, and a
@@ -368,16 +440,25 @@ def project_file(
     target = _device(device)
     tmp = atomic_path(dest)
     try:
-        with h5py.File(source, "r", locking=False) as src, h5py.File(tmp, "w", locking=False) as out:
+        with (
+            h5py.File(source, "r", locking=False) as src,
+            h5py.File(tmp, "w", locking=False) as out,
+        ):
             features = src["features"]
             n, d = features.shape
             if d != projection.input_dim:
-                raise ConfigError(f"{source.name} has {d}-value vectors, the projection takes "
-                                  f"{projection.input_dim}")  # fmt: skip
+                raise ConfigError(
+                    f"{source.name} has {d}-value vectors, the projection takes "
+                    f"{projection.input_dim}"
+                )
             step = block_rows or block_rows_for(d, features.dtype.itemsize)
             chunk = max(1, min(max(n, 1), (1 << 20) // (4 * projection.dim)))
-            target_ds = out.create_dataset("features", shape=(n, projection.dim), dtype=np.float32,
-                                           chunks=(chunk, projection.dim))  # fmt: skip
+            target_ds = out.create_dataset(
+                "features",
+                shape=(n, projection.dim),
+                dtype=np.float32,
+                chunks=(chunk, projection.dim),
+            )
             with torch.inference_mode():
                 for start in range(0, n, step):
                     block = torch.from_numpy(features[start : start + step]).to(target)
@@ -398,8 +479,11 @@ def project_file(
         raise
     except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
-        raise disk_error(exc, dest, "nothing was written; free space or choose another "
-                                     "destination, then run again") from None  # fmt: skip
+        raise disk_error(
+            exc,
+            dest,
+            "nothing was written; free space or choose another destination, then run again",
+        ) from None
     return n
 
 
@@ -409,8 +493,9 @@ def full_output(output: Path) -> Path:
     return output.with_name(output.name + ".full.h5")
 
 
-def load_for_extract(project: Path, config: Config, output: Path, *, resume: bool,
-                     overwrite: bool) -> Projection:  # fmt: skip
+def load_for_extract(
+    project: Path, config: Config, output: Path, *, resume: bool, overwrite: bool
+) -> Projection:
     """``extract --project``: the projection, checked against the run's configuration and
     output before anything is extracted (ConfigError otherwise)."""
     projection = Projection.load(project)
@@ -421,11 +506,14 @@ def load_for_extract(project: Path, config: Config, output: Path, *, resume: boo
         try:
             identify(output)
         except ConfigError as exc:
-            raise ConfigError(f"{exc}; refusing to replace it: move it away or choose another "
-                              "output") from None  # fmt: skip
+            raise ConfigError(
+                f"{exc}; refusing to replace it: move it away or choose another output"
+            ) from None
         if not (resume or overwrite):
-            raise ConfigError(f"output '{output}' already exists; pass {option('resume')} to continue "
-                              f"it or {option('overwrite')} to replace it")  # fmt: skip
+            raise ConfigError(
+                f"output '{output}' already exists; pass {option('resume')} to continue "
+                f"it or {option('overwrite')} to replace it"
+            )
     return projection
 
 
@@ -441,20 +529,38 @@ def _write_projection(group: h5py.Group, projection: Projection) -> None:
 
 
 def reduce(
-    source: str | os.PathLike[str], dest: str | os.PathLike[str], *, dim: int,
-    whiten: bool = False, power: float | None = None, l2: bool | None = None,
-    sample: int | None = None, seed: int = 0, overwrite: bool = False,
-    method: Literal["auto", "exact", "lowrank"] = "auto", device: str | torch.device | None = None,
+    source: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    dim: int,
+    whiten: bool = False,
+    power: float | None = None,
+    l2: bool | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    method: Literal["auto", "exact", "lowrank"] = "auto",
+    device: str | torch.device | None = None,
     progress: Progress | None = None,
-) -> Projection:  # fmt: skip
+) -> Projection:
     """Fit a projection on a sample of ``source`` (``fit_projection``) and write every row,
     projected, to ``dest`` (``project_file``). Everything is checked before anything is
     written; returns the projection."""
     source, dest = Path(source), Path(dest)
     _open_source(source)
     _check_dest(source, dest, overwrite)
-    fitted = fit_projection(source, dim=dim, whiten=whiten, power=power, l2=l2, sample=sample,
-                            seed=seed, method=method, device=device, progress=progress)  # fmt: skip
+    fitted = fit_projection(
+        source,
+        dim=dim,
+        whiten=whiten,
+        power=power,
+        l2=l2,
+        sample=sample,
+        seed=seed,
+        method=method,
+        device=device,
+        progress=progress,
+    )
     project_file(source, dest, fitted, overwrite=overwrite, device=device, progress=progress)
     return fitted
 
@@ -495,15 +601,20 @@ def _unkey(keys: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def topk_cosine(
-    queries: Tensor, first_query: int, database: Iterator[tuple[int, Tensor]], k: int,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    queries: Tensor,
+    first_query: int,
+    database: Iterator[tuple[int, Tensor]],
+    k: int,
+) -> tuple[Tensor, Tensor]:
     """Top-``k`` database rows by dot product for each query row (all rows L2-normalised, so
     the dot is the cosine). ``queries``: Tensor[q, D], rows ``first_query...`` of the same
     database (a row never matches itself); ``database``: (first row, Tensor[m, D]) blocks.
     Returns (index Tensor[q, k] int64, similarity Tensor[q, k] float32), similarity
     descending, equal similarities by lower row first."""
     q = queries.shape[0]
-    best = torch.full((q, k), torch.iinfo(torch.int64).min, dtype=torch.int64, device=queries.device)
+    best = torch.full(
+        (q, k), torch.iinfo(torch.int64).min, dtype=torch.int64, device=queries.device
+    )
     own = torch.arange(q, device=queries.device)
     for first, block in database:
         sim = queries @ block.T  # (q, m)
@@ -521,9 +632,14 @@ class Neighbors:
 
 
 def neighbors(
-    path: str | os.PathLike[str], k: int, *, device: str | torch.device | None = None,
-    block_rows: int | None = None, memory_bytes: int = 2 << 30, progress: Progress | None = None,
-) -> Neighbors:  # fmt: skip
+    path: str | os.PathLike[str],
+    k: int,
+    *,
+    device: str | torch.device | None = None,
+    block_rows: int | None = None,
+    memory_bytes: int = 2 << 30,
+    progress: Progress | None = None,
+) -> Neighbors:
     """Exact cosine top-``k`` of every row of an spp-extract file among the other rows.
 
     Rows are L2-normalised; a zero row has similarity 0 with everything. Query blocks against
@@ -537,9 +653,12 @@ def neighbors(
         ds = f["features"]
         n, d = ds.shape
         if not 1 <= k <= n - 1:
-            raise ConfigError(f"k {k} is invalid for {path.name}: it has {n} rows, so each has at "
-                              f"most {max(n - 1, 0)} neighbours; choose k from 1 to {max(n - 1, 0)}"
-                              if n > 1 else f"{path.name} has {n} rows: nothing to compare")  # fmt: skip
+            raise ConfigError(
+                f"k {k} is invalid for {path.name}: it has {n} rows, so each has at "
+                f"most {max(n - 1, 0)} neighbours; choose k from 1 to {max(n - 1, 0)}"
+                if n > 1
+                else f"{path.name} has {n} rows: nothing to compare"
+            )
         step = block_rows or min(4096, block_rows_for(d, 4))
 
         def read(start: int) -> Tensor:
@@ -581,10 +700,16 @@ def pairs_above(found: Neighbors, threshold: float) -> tuple[np.ndarray, np.ndar
 
 
 def find_neighbors(
-    source: str | os.PathLike[str], dest: str | os.PathLike[str] | None, k: int, *,
-    pairs: str | os.PathLike[str] | None = None, threshold: float = 0.95, overwrite: bool = False,
-    device: str | torch.device | None = None, progress: Progress | None = None,
-) -> Neighbors:  # fmt: skip
+    source: str | os.PathLike[str],
+    dest: str | os.PathLike[str] | None,
+    k: int,
+    *,
+    pairs: str | os.PathLike[str] | None = None,
+    threshold: float = 0.95,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> Neighbors:
     """``neighbors`` of ``source`` written to ``dest`` (``neighbors/index``,
     ``neighbors/similarity``, the source's ``paths`` and ``path_bytes``) and, with ``pairs``,
     the near-duplicate pairs (``pairs_above(threshold)``) as CSV ``path_a,path_b,similarity``."""
@@ -609,22 +734,33 @@ def find_neighbors(
                     group.create_dataset("similarity", data=found.similarity)
                     for name in ("paths", "path_bytes"):
                         src.copy(src[name], out, name=name)
-                    out.attrs.update(k=k, metric="cosine", source_file=source.name,
-                                     ties="equal similarities: lower row first",
-                                     config=str(src.attrs.get("config", "")))  # fmt: skip
+                    out.attrs.update(
+                        k=k,
+                        metric="cosine",
+                        source_file=source.name,
+                        ties="equal similarities: lower row first",
+                        config=str(src.attrs.get("config", "")),
+                    )
                 finish_atomic(tmp, dest)
             except (OSError, RuntimeError) as exc:
                 tmp.unlink(missing_ok=True)
-                raise disk_error(exc, dest, "nothing was written; free space or choose another "
-                                             "destination, then run again") from None  # fmt: skip
+                raise disk_error(
+                    exc,
+                    dest,
+                    "nothing was written; free space or choose another destination, then run again",
+                ) from None
         if pairs is not None:
             lo, hi, sims = pairs_above(found, threshold)
             paths = src["paths"].asstr()
             needed = np.unique(np.concatenate([lo, hi]))
             names = dict(zip(needed.tolist(), (paths[needed] if len(needed) else []), strict=True))
-            _write_csv(Path(pairs), [(printable(names[i]), printable(names[j]), f"{s:.6f}")
-                                     for i, j, s in zip(lo.tolist(), hi.tolist(), sims.tolist(),
-                                                        strict=True)])  # fmt: skip
+            _write_csv(
+                Path(pairs),
+                [
+                    (printable(names[i]), printable(names[j]), f"{s:.6f}")
+                    for i, j, s in zip(lo.tolist(), hi.tolist(), sims.tolist(), strict=True)
+                ],
+            )
     return found
 
 
@@ -638,5 +774,8 @@ def _write_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
         finish_atomic(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise disk_error(exc, path, "the pairs were not written; free space or choose another "
-                                     "file, then run again") from None  # fmt: skip
+        raise disk_error(
+            exc,
+            path,
+            "the pairs were not written; free space or choose another file, then run again",
+        ) from None

@@ -57,7 +57,9 @@ class OutputLock:
     def acquire(self) -> None:
         root = self.path.parent
         if root.exists() and not root.is_dir():
-            raise ConfigError(f"'{root}' exists and is not a folder; move it away or choose another -o")
+            raise ConfigError(
+                f"'{root}' exists and is not a folder; move it away or choose another -o"
+            )
         self.created_root = not root.exists()
         root.mkdir(exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -87,14 +89,19 @@ class OutputLock:
         self._fd = None
 
 
-
 def fingerprint(config: Config, resolved: ResolvedModel) -> dict[str, Any]:
     """The resolved values that decide the vectors; a resumed run must match them all."""
     values = {
-        "backbone": resolved.backbone, "layer": resolved.layer, "weights": resolved.weights_id,
-        "levels": list(config.levels), "pooling": config.pooling, "mean": list(resolved.mean),
-        "std": list(resolved.std), "dtype": config.dtype, "precision": config.precision,
-    }  # fmt: skip
+        "backbone": resolved.backbone,
+        "layer": resolved.layer,
+        "weights": resolved.weights_id,
+        "levels": list(config.levels),
+        "pooling": config.pooling,
+        "mean": list(resolved.mean),
+        "std": list(resolved.std),
+        "dtype": config.dtype,
+        "precision": config.precision,
+    }
     assert set(values) | {"seed"} == set(MODEL_KEYS)
     if config.weights == "none":
         values["seed"] = config.seed  # random weights: the seed decides them
@@ -106,7 +113,6 @@ def resolved_config(config: Config, resolved: ResolvedModel) -> dict[str, Any]:
     values = config.to_dict()
     values.update(layer=resolved.layer, mean=list(resolved.mean), std=list(resolved.std))
     return values
-
 
 
 def _read_run_toml(run_dir: Path) -> dict[str, Any]:
@@ -125,7 +131,11 @@ def _write_run_toml(run_dir: Path, fp: dict[str, Any], config: dict[str, Any]) -
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in new if old.get(key) != new.get(key)]
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in new
+        if old.get(key) != new.get(key)
+    ]
 
 
 RunMode = Literal["new", "resume", "overwrite"]
@@ -134,7 +144,9 @@ RunMode = Literal["new", "resume", "overwrite"]
 def run_mode(resume: bool, overwrite: bool) -> RunMode:
     """The caller's two switches as one value."""
     if resume and overwrite:
-        raise ConfigError(f"{option('resume')} and {option('overwrite')} exclude each other; pick one")
+        raise ConfigError(
+            f"{option('resume')} and {option('overwrite')} exclude each other; pick one"
+        )
     return "resume" if resume else "overwrite" if overwrite else "new"
 
 
@@ -151,17 +163,21 @@ def check_output_name(output: Path) -> None:
     try:
         name.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"output name '{printable(output.name)}' is not valid UTF-8 (HDF5 stores "
-                          "it inside the file); choose a UTF-8 name") from None  # fmt: skip
+        raise ConfigError(
+            f"output name '{printable(output.name)}' is not valid UTF-8 (HDF5 stores "
+            "it inside the file); choose a UTF-8 name"
+        ) from None
     try:
         limit = os.pathconf(parent, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
     longest = len(name) + len(".shards")
     if longest > limit:
-        raise ConfigError(f"output name is {len(name)} bytes; its shards folder '{output.name[:20]}"
-                          f"....shards' would exceed this file system's {limit}-byte limit; "
-                          f"choose a name of at most {limit - 7} bytes")  # fmt: skip
+        raise ConfigError(
+            f"output name is {len(name)} bytes; its shards folder '{output.name[:20]}"
+            f"....shards' would exceed this file system's {limit}-byte limit; "
+            f"choose a name of at most {limit - 7} bytes"
+        )
 
 
 def check_existing(output: Path, mode: RunMode) -> bool:
@@ -176,7 +192,9 @@ def check_existing(output: Path, mode: RunMode) -> bool:
                 f"or pass {option('overwrite')} to start a new run here"
             )
     elif root.is_dir() and [p for p in root.iterdir() if p.name != ".lock"]:  # ours holds .lock
-        unexpected = [p.name for p in root.iterdir() if p.name != ".lock" and not p.name.startswith("run-")]
+        unexpected = [
+            p.name for p in root.iterdir() if p.name != ".lock" and not p.name.startswith("run-")
+        ]
         if unexpected:
             raise ConfigError(
                 f"'{root}' holds files spp-extract did not write (first: "
@@ -215,7 +233,11 @@ def _run_order(path: Path) -> tuple[int, str]:
 def choose_run_dir(output: Path, fp: dict[str, Any], mode: RunMode) -> Path:
     """The run to continue (newest, when resuming) or a new one. Raises on a mismatch."""
     root = shards_root(output)
-    runs = sorted((p for p in root.glob("run-*") if p.is_dir()), key=_run_order) if root.is_dir() else []
+    runs = (
+        sorted((p for p in root.glob("run-*") if p.is_dir()), key=_run_order)
+        if root.is_dir()
+        else []
+    )
     if mode == "resume" and runs:
         run_dir = runs[-1]
         old = _read_run_toml(run_dir).get("fingerprint", {})
@@ -223,7 +245,8 @@ def choose_run_dir(output: Path, fp: dict[str, Any], mode: RunMode) -> Path:
         if diff:
             raise ConfigError(
                 f"{option('resume')}: the configuration differs from the run in {run_dir.name} ("
-                + "; ".join(diff) + f"); use the same settings, or {option('overwrite')} to start again"
+                + "; ".join(diff)
+                + f"); use the same settings, or {option('overwrite')} to start again"
             )
         return run_dir
     number = _run_order(runs[-1])[0] + 1 if runs else 0
@@ -239,26 +262,42 @@ class Setup:
     keep_old_output: bool  # --overwrite of an existing output: it stays until the new one is done
 
 
-def setup(inputs: Sequence[str | os.PathLike[str]], output: Path,
-          files_from: str | os.PathLike[str] | None, config: Config, fp: dict[str, Any],
-          lock: OutputLock | None, resume: bool, overwrite: bool) -> Setup:  # fmt: skip
+def setup(
+    inputs: Sequence[str | os.PathLike[str]],
+    output: Path,
+    files_from: str | os.PathLike[str] | None,
+    config: Config,
+    fp: dict[str, Any],
+    lock: OutputLock | None,
+    resume: bool,
+    overwrite: bool,
+) -> Setup:
     """Rank 0, before anything is written: the output may be written, the inputs, the run."""
     assert lock is not None
     mode = run_mode(resume, overwrite)
     check_output_name(output)
     lock.acquire()
     existed = check_existing(output, mode)
-    found = images.find_images(inputs, files_from=files_from,
-                               follow_symlinks=config.follow_symlinks)  # fmt: skip
+    found = images.find_images(
+        inputs, files_from=files_from, follow_symlinks=config.follow_symlinks
+    )
     if not found.refs:
-        raise ConfigError("no images found in the inputs (looked for "
-                          + ", ".join(sorted(images.IMAGE_EXTENSIONS)) + ")")  # fmt: skip
-    return Setup(choose_run_dir(output, fp, mode), found.refs, found.overlaps,
-                 mode == "overwrite" and existed)  # fmt: skip
+        raise ConfigError(
+            "no images found in the inputs (looked for "
+            + ", ".join(sorted(images.IMAGE_EXTENSIONS))
+            + ")"
+        )
+    return Setup(
+        choose_run_dir(output, fp, mode),
+        found.refs,
+        found.overlaps,
+        mode == "overwrite" and existed,
+    )
 
 
-def prepare(output: Path, run_dir: Path, fp: dict[str, Any], config: Config,
-            resolved: ResolvedModel) -> int:  # fmt: skip
+def prepare(
+    output: Path, run_dir: Path, fp: dict[str, Any], config: Config, resolved: ResolvedModel
+) -> int:
     """Rank 0: the run folder, cleaned of half-written files, with its run.toml; returns the
     number of this attempt (shard names start with it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -272,8 +311,11 @@ def prepare(output: Path, run_dir: Path, fp: dict[str, Any], config: Config,
 def unlisted(refs: Sequence[images.ImageRef]) -> list[bytes]:
     """Path prefixes of folders that could not be listed: their earlier rows are kept. An
     input folder that cannot be listed at all keeps every earlier row."""
-    return [b"" if os.path.normpath(r.key) == os.path.normpath(r.path) else r.key_bytes + b"/"
-            for r in refs if r.problem]  # fmt: skip
+    return [
+        b"" if os.path.normpath(r.key) == os.path.normpath(r.path) else r.key_bytes + b"/"
+        for r in refs
+        if r.problem
+    ]
 
 
 def source_of(ref: images.ImageRef) -> bytes:

@@ -32,9 +32,18 @@ Failure = tuple[str, str, str]  # (path, error class, message)
 Progress = Callable[[int, int], None]
 
 
-def run_share(refs: Sequence[images.ImageRef], run_dir: Path, attempt: int, trunk: Trunk,
-              config: Config, runtime: Runtime, *, retry_failed: bool,
-              progress: Progress | None, caught: list[int]) -> tuple[int, list[Failure]]:  # fmt: skip
+def run_share(
+    refs: Sequence[images.ImageRef],
+    run_dir: Path,
+    attempt: int,
+    trunk: Trunk,
+    config: Config,
+    runtime: Runtime,
+    *,
+    retry_failed: bool,
+    progress: Progress | None,
+    caught: list[int],
+) -> tuple[int, list[Failure]]:
     """This rank's share of ``refs``, computed and committed to shards in ``run_dir``; returns
     (images computed, their failures). ``caught``: signals received (stop between batches)."""
     ctx = runtime.dist
@@ -43,21 +52,48 @@ def run_share(refs: Sequence[images.ImageRef], run_dir: Path, attempt: int, trun
     cuts = partition(sizes, ctx.world)
     lo, hi = cuts[ctx.rank], cuts[ctx.rank + 1]
     work = [refs[i] for i in todo[lo:hi]]
-    work_sizes = [None if s is None else (max(s[0], trunk.min_side), max(s[1], trunk.min_side))
-                  for s in sizes[lo:hi]]  # fmt: skip
-    extractor = Extractor(trunk, config, runtime.device, padded=runtime.padded,
-                          budget=runtime.budget, memory=runtime.memory)  # fmt: skip
-    planner = Planner(work_sizes, padded=runtime.padded, batch_size=runtime.batch_size,
-                      batch_pixels=runtime.batch_pixels, commit_seconds=config.commit_seconds)  # fmt: skip
+    work_sizes = [
+        None if s is None else (max(s[0], trunk.min_side), max(s[1], trunk.min_side))
+        for s in sizes[lo:hi]
+    ]
+    extractor = Extractor(
+        trunk,
+        config,
+        runtime.device,
+        padded=runtime.padded,
+        budget=runtime.budget,
+        memory=runtime.memory,
+    )
+    planner = Planner(
+        work_sizes,
+        padded=runtime.padded,
+        batch_size=runtime.batch_size,
+        batch_pixels=runtime.batch_pixels,
+        commit_seconds=config.commit_seconds,
+    )
     if progress:
         progress(0, len(work))
     if not work:
         return 0, []
-    sink = ShardSink(work, planner, run_dir, lambda window: shard_name(attempt, ctx.rank, window),
-                     extractor.dim, config.dtype, {"attempt": attempt, "rank": ctx.rank})  # fmt: skip
-    batches = decoded_batches(work, planner, trunk.min_side, config, workers=runtime.workers,
-                              multiple=BUCKET if runtime.padded else 1,
-                              pin_memory=runtime.device.type == "cuda", caught=caught)  # fmt: skip
+    sink = ShardSink(
+        work,
+        planner,
+        run_dir,
+        lambda window: shard_name(attempt, ctx.rank, window),
+        extractor.dim,
+        config.dtype,
+        {"attempt": attempt, "rank": ctx.rank},
+    )
+    batches = decoded_batches(
+        work,
+        planner,
+        trunk.min_side,
+        config,
+        workers=runtime.workers,
+        multiple=BUCKET if runtime.padded else 1,
+        pin_memory=runtime.device.type == "cuda",
+        caught=caught,
+    )
     try:
         for batch in batches:
             sink.begin(batch)
@@ -82,8 +118,11 @@ def run_share(refs: Sequence[images.ImageRef], run_dir: Path, attempt: int, trun
 def left_to_do(refs: Sequence[images.ImageRef], run_dir: Path, retry_failed: bool) -> list[int]:
     """Indices of ``refs`` without a result in the run (or whose file changed since)."""
     state = read_state(run_dir)
-    return [i for i, r in enumerate(refs)
-            if not state.done(r.key_bytes, source_of(r), *file_stat(r), retry_failed)]  # fmt: skip
+    return [
+        i
+        for i, r in enumerate(refs)
+        if not state.done(r.key_bytes, source_of(r), *file_stat(r), retry_failed)
+    ]
 
 
 def header_sizes(refs: Sequence[images.ImageRef], runtime: Runtime) -> list[tuple[int, int] | None]:
@@ -105,8 +144,16 @@ class ShardSink:
     the batches move on to the next window; writes run in order on a background thread so
     HDF5 I/O overlaps compute. The time a window took sets the planner's measured speed."""
 
-    def __init__(self, work: Sequence[images.ImageRef], planner: Planner, run_dir: Path,
-                 name: Callable[[int], str], dim: int, dtype: str, attrs: dict[str, Any]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        work: Sequence[images.ImageRef],
+        planner: Planner,
+        run_dir: Path,
+        name: Callable[[int], str],
+        dim: int,
+        dtype: str,
+        attrs: dict[str, Any],
+    ) -> None:
         self.work, self.planner, self.run_dir = work, planner, run_dir
         self.name, self.dim, self.dtype, self.attrs = name, dim, dtype, attrs
         self.writer = BackgroundWriter()
@@ -171,9 +218,15 @@ class ShardSink:
             w = self.planner.windows[window]
             refs = self.work[w.start : w.stop]
             # h5py serialises calls itself, so the writer thread may be busy with the last one
-            self.open[window] = ShardWriter(self.run_dir, self.name(window), [r.key_bytes for r in refs],
-                                            [source_of(r) for r in refs], self.dim, self.dtype,
-                                            {**self.attrs, "window": window})  # fmt: skip
+            self.open[window] = ShardWriter(
+                self.run_dir,
+                self.name(window),
+                [r.key_bytes for r in refs],
+                [source_of(r) for r in refs],
+                self.dim,
+                self.dtype,
+                {**self.attrs, "window": window},
+            )
         return self.open[window]
 
     def _commit(self, window: int) -> None:
@@ -194,8 +247,12 @@ class BackgroundWriter:
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
         # In the caller's context: messages built there use the caller's terms (errors.option).
-        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,),
-                                        name="spp-writer", daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._loop,),
+            name="spp-writer",
+            daemon=True,
+        )
         self._thread.start()
 
     def _loop(self) -> None:

@@ -41,8 +41,12 @@ class Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
-                   int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))  # fmt: skip
+        return cls(
+            int(os.environ["RANK"]),
+            world,
+            int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+        )
 
 
 def resolve_device(config: Config, ctx: Dist) -> torch.device:
@@ -57,13 +61,19 @@ def resolve_device(config: Config, ctx: Dist) -> torch.device:
             name = "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} requested but CUDA is not available; use {option('device', 'cpu')}")
+            raise ConfigError(
+                f"device {name!r} requested but CUDA is not available; use {option('device', 'cpu')}"
+            )
         if name == "cuda":
             name = f"cuda:{ctx.local_rank if ctx.active else 0}"
         if int(name.split(":")[1]) >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r} does not exist; {torch.cuda.device_count()} CUDA devices")
+            raise ConfigError(
+                f"device {name!r} does not exist; {torch.cuda.device_count()} CUDA devices"
+            )
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device 'mps' requested but MPS is not available; use {option('device', 'cpu')}")
+        raise ConfigError(
+            f"device 'mps' requested but MPS is not available; use {option('device', 'cpu')}"
+        )
     return torch.device(name)
 
 
@@ -84,7 +94,9 @@ def decode_workers(config: Config, device: torch.device, ctx: Dist) -> int:
     return max(1, min(8, share - 1))
 
 
-def batch_limits(config: Config, device: torch.device, fit_pixels: int | None = None) -> tuple[int, int]:
+def batch_limits(
+    config: Config, device: torch.device, fit_pixels: int | None = None
+) -> tuple[int, int]:
     """(images, pixels) per batch. ``fit_pixels``: the most pixels one forward may take within
     the memory budget (``batch_pixels = auto`` stays within it)."""
     gpu = device.type != "cpu"
@@ -100,8 +112,10 @@ def padded_batching(config: Config, device: torch.device, trunk: Trunk) -> bool:
     exact for this trunk."""
     padded = config.batching == "padded" or (config.batching == AUTO and device.type == "cuda")
     if padded and not maskable(trunk.module):
-        log.info("%s cannot use masked padding (it has global ops); batching identical sizes only",
-                 config.backbone)  # fmt: skip
+        log.info(
+            "%s cannot use masked padding (it has global ops); batching identical sizes only",
+            config.backbone,
+        )
         return False
     return padded
 
@@ -123,21 +137,37 @@ class Runtime:
     tf32: bool  # TF32 matmuls/convolutions on CUDA (never in fp32 precision)
 
     @classmethod
-    def resolve(cls, config: Config, trunk: Trunk, ctx: Dist | None = None,
-                device: torch.device | None = None) -> Runtime:  # fmt: skip
+    def resolve(
+        cls,
+        config: Config,
+        trunk: Trunk,
+        ctx: Dist | None = None,
+        device: torch.device | None = None,
+    ) -> Runtime:
         ctx = ctx or Dist.from_env()
         device = device or resolve_device(config, ctx)
         workers = decode_workers(config, device, ctx)
         _, planned_pixels = batch_limits(config, device)
-        budget = memory_budget(config.max_memory, device, module_bytes(trunk.module),
-                               decode_bytes(workers, planned_pixels))  # fmt: skip
+        budget = memory_budget(
+            config.max_memory,
+            device,
+            module_bytes(trunk.module),
+            decode_bytes(workers, planned_pixels),
+        )
         memory = memory_model(trunk.module, config.precision, device.type)
         size, pixels = batch_limits(config, device, memory.pixels_within(budget))
-        return cls(dist=ctx, device=device, workers=workers,
-                   threads=max(1, cores() // ctx.local_world - workers),
-                   padded=padded_batching(config, device, trunk), batch_size=size,
-                   batch_pixels=pixels, budget=budget, memory=memory,
-                   tf32=config.precision != "fp32")  # fmt: skip
+        return cls(
+            dist=ctx,
+            device=device,
+            workers=workers,
+            threads=max(1, cores() // ctx.local_world - workers),
+            padded=padded_batching(config, device, trunk),
+            batch_size=size,
+            batch_pixels=pixels,
+            budget=budget,
+            memory=memory,
+            tf32=config.precision != "fp32",
+        )
 
     def apply(self) -> None:
         """Set this process up for the run (``process_settings_restored`` undoes it)."""
@@ -157,15 +187,21 @@ def process_settings_restored() -> Iterator[None]:
     """A run sets compute threads, TF32/cuDNN flags and the CUDA device; the caller gets its
     own back afterwards."""
     threads = torch.get_num_threads()
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.backends.cudnn.benchmark)  # fmt: skip
+    flags = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
     cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
     try:
         yield
     finally:
         torch.set_num_threads(threads)
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-         torch.backends.cudnn.benchmark) = flags  # fmt: skip
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.benchmark,
+        ) = flags
         if cuda_device is not None:
             torch.cuda.set_device(cuda_device)
 
@@ -225,7 +261,9 @@ def on_every_rank(ctx: Dist, work: Callable[[], T]) -> T:
         if failed:
             first, (kind, message) = failed[0]
             if error is None:
-                error = (kind if kind in (ConfigError, OutputError) else OutputError)(f"rank {first}: {message}")
+                error = (kind if kind in (ConfigError, OutputError) else OutputError)(
+                    f"rank {first}: {message}"
+                )
             elif not isinstance(error, SppError):
                 raise error  # a bug: its traceback, on the rank that hit it
             if ctx.rank != first:

@@ -42,9 +42,15 @@ class ShardWriter:
     vectors are written as they arrive, metadata at commit."""
 
     def __init__(
-        self, directory: Path, name: str, keys: Sequence[bytes], sources: Sequence[bytes],
-        dim: int, dtype: str, attrs: dict[str, Any],
-    ) -> None:  # fmt: skip
+        self,
+        directory: Path,
+        name: str,
+        keys: Sequence[bytes],
+        sources: Sequence[bytes],
+        dim: int,
+        dtype: str,
+        attrs: dict[str, Any],
+    ) -> None:
         self.final = directory / name
         self.tmp = directory / (name + ".tmp")
         self.keys = list(keys)
@@ -161,8 +167,9 @@ class RunState:
     shards: list[Path]
     records: dict[bytes, Record] = field(default_factory=dict)
 
-    def done(self, key: bytes, source: bytes, file_size: int, mtime_ns: int,
-             retry_failed: bool) -> bool:  # fmt: skip
+    def done(
+        self, key: bytes, source: bytes, file_size: int, mtime_ns: int, retry_failed: bool
+    ) -> bool:
         """True if this image (the same file, unchanged since) already has a result that need
         not be redone. Same stored path but another file (other input folders with the same
         names, sizes and times, as after ``cp -p``) is redone."""
@@ -184,8 +191,11 @@ def read_state(run_dir: Path) -> RunState:
                 status = f["status"][:]
                 sizes = f["file_size"][:]
                 mtimes = f["mtime_ns"][:]
-                sources = ([bytes(k) for k in f["source_bytes"][:]] if "source_bytes" in f
-                           else [None] * len(keys))  # fmt: skip
+                sources = (
+                    [bytes(k) for k in f["source_bytes"][:]]
+                    if "source_bytes" in f
+                    else [None] * len(keys)
+                )
         except (OSError, KeyError, ValueError) as exc:
             raise OutputError(
                 f"shard {path} is unreadable ({printable(str(exc))}); move it away and rerun with "
@@ -193,6 +203,7 @@ def read_state(run_dir: Path) -> RunState:
             ) from None
         for row, key in enumerate(keys):
             if status[row] != STATUS_MISSING:  # later shards supersede earlier ones
-                state.records[key] = Record(index, row, int(status[row]), int(sizes[row]),
-                                            int(mtimes[row]), sources[row])  # fmt: skip
+                state.records[key] = Record(
+                    index, row, int(status[row]), int(sizes[row]), int(mtimes[row]), sources[row]
+                )
     return state

@@ -64,11 +64,17 @@ def check_space(directory: Path, needed: int) -> None:
 
 def disk_error(exc: Exception, path: Path, advice: str | None = None) -> OutputError:
     code = getattr(exc, "errno", None)
-    full = code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) or "errno = 28" in str(exc)
+    full = (
+        code in (errno.ENOSPC, errno.EDQUOT)
+        or "No space left" in str(exc)
+        or "errno = 28" in str(exc)
+    )
     what = "the disk is full" if full else f"cannot write ({printable(' '.join(str(exc).split()))})"
     if advice is None:
-        advice = (f"everything committed so far is kept — {'free space' if full else 'fix that'}, "
-                  f"then rerun the same command with {option('resume')}")  # fmt: skip
+        advice = (
+            f"everything committed so far is kept — {'free space' if full else 'fix that'}, "
+            f"then rerun the same command with {option('resume')}"
+        )
     return OutputError(f"stopped: {what} while writing {path}; {advice}")
 
 
@@ -79,6 +85,7 @@ def bytes_array(items: Sequence[bytes]) -> np.ndarray:
     out = np.empty(len(items), dtype=object)
     out[:] = [np.frombuffer(b, dtype=np.uint8) for b in items]
     return out
+
 
 def tmp_prefix(path: Path) -> str:
     """Temporary files beside ``path`` start with this; short whatever the name's length."""
@@ -102,10 +109,13 @@ def finish_atomic(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
+
 def run_attrs(**values: Any) -> dict[str, Any]:
     """Root attributes: HDF5 wants arrays, not tuples, and no None."""
-    attrs: dict[str, Any] = {"format_version": FORMAT_VERSION,
-                             "created": datetime.datetime.now(datetime.UTC).isoformat()}  # fmt: skip
+    attrs: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(),
+    }
     for key, value in values.items():
         attrs[key] = np.asarray(value) if isinstance(value, (tuple, list)) else value
     return attrs

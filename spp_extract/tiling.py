@@ -88,10 +88,27 @@ _POSITIONAL = {  # argument names after the input, in order
     "avg_pool2d": ("kernel_size", "stride", "padding", "ceil_mode"),
 }
 # Ops that mix or move positions: a trunk using one on its activations cannot be tiled.
-_GLOBAL_OPS = ("adaptive", "interpolate", "upsample", "pad", "unfold", "fold", "roll", "flip",
-               "grid_sample", "pixel_shuffle", "pixel_unshuffle", "matmul", "bmm", "softmax",
-               "scaled_dot_product", "multi_head", "instance_norm", "group_norm",
-               "local_response_norm")  # fmt: skip
+_GLOBAL_OPS = (
+    "adaptive",
+    "interpolate",
+    "upsample",
+    "pad",
+    "unfold",
+    "fold",
+    "roll",
+    "flip",
+    "grid_sample",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "matmul",
+    "bmm",
+    "softmax",
+    "scaled_dot_product",
+    "multi_head",
+    "instance_norm",
+    "group_norm",
+    "local_response_norm",
+)
 Dims = tuple[int, int]  # which axes of a tensor are (rows, columns)
 
 
@@ -114,7 +131,11 @@ class _Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         flat, _ = tree_flatten((args, kwargs))
-        known = [(t, *self.fields[id(t)][1:]) for t in flat if isinstance(t, Tensor) and id(t) in self.fields]
+        known = [
+            (t, *self.fields[id(t)][1:])
+            for t in flat
+            if isinstance(t, Tensor) and id(t) in self.fields
+        ]
         if not known:
             return out
         name = getattr(func, "__name__", "").lstrip("_")
@@ -129,7 +150,11 @@ class _Tracer(TorchFunctionMode):
             field = _union([f for _, f, _ in known])
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, Tensor) and tensor.dim() >= 2:
-                self.fields[id(tensor)] = (tensor, field, _spatial(name, args, source, dims, tensor))
+                self.fields[id(tensor)] = (
+                    tensor,
+                    field,
+                    _spatial(name, args, source, dims, tensor),
+                )
         return out
 
     @staticmethod
@@ -149,8 +174,10 @@ class _Tracer(TorchFunctionMode):
             dilation = _pair(values.get("dilation", 1))
         stride = values.get("stride") or kernel  # pools: stride None means the kernel size
         s, p = _pair(stride), _pair(padding)
-        return ReceptiveField(field.rows.then(kernel[0], s[0], p[0], dilation[0]),
-                              field.cols.then(kernel[1], s[1], p[1], dilation[1]))  # fmt: skip
+        return ReceptiveField(
+            field.rows.then(kernel[0], s[0], p[0], dilation[0]),
+            field.cols.then(kernel[1], s[1], p[1], dilation[1]),
+        )
 
 
 def _spatial(name: str, args: tuple, source: Tensor, dims: Dims, out: Tensor) -> Dims:
@@ -160,7 +187,12 @@ def _spatial(name: str, args: tuple, source: Tensor, dims: Dims, out: Tensor) ->
     if name in ("permute", "transpose", "swapaxes", "swapdims"):
         rest = args[1:]
         if name == "permute":
-            order = [int(d) % source.dim() for d in (rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest)]
+            order = [
+                int(d) % source.dim()
+                for d in (
+                    rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+                )
+            ]
         else:
             a, b = (int(d) % source.dim() for d in rest[:2])
             order = list(range(source.dim()))
@@ -177,7 +209,9 @@ def _spatial(name: str, args: tuple, source: Tensor, dims: Dims, out: Tensor) ->
         return dims
     if dims == (source.dim() - 2, source.dim() - 1) and tuple(out.shape[-2:]) == sizes:
         return out.dim() - 2, out.dim() - 1  # view, unsqueeze, x[:, 0]: rows and columns last
-    raise NotTileable(f"{name} changes the spatial extent ({tuple(source.shape)} -> {tuple(out.shape)})")
+    raise NotTileable(
+        f"{name} changes the spatial extent ({tuple(source.shape)} -> {tuple(out.shape)})"
+    )
 
 
 def _union(fields: Sequence[ReceptiveField]) -> ReceptiveField:
@@ -233,8 +267,10 @@ class TilePlan:
     @property
     def largest(self) -> tuple[int, int]:
         """The largest tile's input (height, width)."""
-        return (max(t.rows[1] - t.rows[0] for t in self.tiles),
-                max(t.cols[1] - t.cols[0] for t in self.tiles))  # fmt: skip
+        return (
+            max(t.rows[1] - t.rows[0] for t in self.tiles),
+            max(t.cols[1] - t.cols[0] for t in self.tiles),
+        )
 
 
 def _axis(length: int, cells: int, field: Field, core: int) -> list[tuple[Span, Span]]:
@@ -248,8 +284,12 @@ def _axis(length: int, cells: int, field: Field, core: int) -> list[tuple[Span, 
     return spans
 
 
-def plan_tiles(field: ReceptiveField, size: tuple[int, int], out_size: tuple[int, int],
-               core: int | tuple[int, int]) -> TilePlan:  # fmt: skip
+def plan_tiles(
+    field: ReceptiveField,
+    size: tuple[int, int],
+    out_size: tuple[int, int],
+    core: int | tuple[int, int],
+) -> TilePlan:
     """Cut a ``size`` input whose whole map is ``out_size`` into tiles whose cores are
     ``core`` output cells (``core * stride`` input pixels) per side."""
     ch, cw = _pair(core)
@@ -261,10 +301,12 @@ def plan_tiles(field: ReceptiveField, size: tuple[int, int], out_size: tuple[int
     return TilePlan(tuple(size), tuple(out_size), field, tiles)  # type: ignore[arg-type]
 
 
-def fitting_core(field: ReceptiveField, size: tuple[int, int], out_size: tuple[int, int],
-                 tile_pixels: float) -> int:  # fmt: skip
+def fitting_core(
+    field: ReceptiveField, size: tuple[int, int], out_size: tuple[int, int], tile_pixels: float
+) -> int:
     """The largest core (output cells per side) whose largest tile, halos included and
     clipped at the borders, has at most ``tile_pixels`` input pixels; 1 if none does."""
+
     def largest(core: int) -> int:
         rows = max(b - a for (a, b), _ in _axis(size[0], out_size[0], field.rows, core))
         cols = max(b - a for (a, b), _ in _axis(size[1], out_size[1], field.cols, core))
@@ -283,8 +325,9 @@ def fitting_core(field: ReceptiveField, size: tuple[int, int], out_size: tuple[i
 Prepare = Callable[[Tensor, Tile], Tensor]
 
 
-def _tile_outputs(module: nn.Module, x: Tensor, plan: TilePlan,
-                  prepare: Prepare | None) -> Iterator[tuple[Tile, Tensor]]:  # fmt: skip
+def _tile_outputs(
+    module: nn.Module, x: Tensor, plan: TilePlan, prepare: Prepare | None
+) -> Iterator[tuple[Tile, Tensor]]:
     """Each tile's core of the trunk output, ``Tensor[N, C, j1-j0, k1-k0]``."""
     sh, sw = plan.field.stride
     for tile in plan.tiles:
@@ -295,13 +338,17 @@ def _tile_outputs(module: nn.Module, x: Tensor, plan: TilePlan,
         r0, c0 = tile.out_rows[0] - tile.rows[0] // sh, tile.out_cols[0] - tile.cols[0] // sw
         r1, c1 = tile.out_rows[1] - tile.rows[0] // sh, tile.out_cols[1] - tile.cols[0] // sw
         if r1 > out.shape[-2] or c1 > out.shape[-1]:
-            raise RuntimeError(f"tile {tile} gave a {tuple(out.shape[-2:])} map; expected at "
-                               f"least {(r1, c1)} (receptive field {plan.field})")  # fmt: skip
+            raise RuntimeError(
+                f"tile {tile} gave a {tuple(out.shape[-2:])} map; expected at "
+                f"least {(r1, c1)} (receptive field {plan.field})"
+            )
         yield tile, out[..., r0:r1, c0:c1]
         del out
 
 
-def tiled_trunk(module: nn.Module, x: Tensor, plan: TilePlan, *, prepare: Prepare | None = None) -> Tensor:
+def tiled_trunk(
+    module: nn.Module, x: Tensor, plan: TilePlan, *, prepare: Prepare | None = None
+) -> Tensor:
     """Run ``module`` on ``x: Tensor[N, 3, H, W]`` tile by tile; returns the stitched map
     ``Tensor[N, C, h, w]`` (``plan.out_size``), equal to ``module(x)``.
 
@@ -321,8 +368,15 @@ def _bins(length: int, n: int) -> list[Span]:
     return [(i * length // n, -(-(i + 1) * length // n)) for i in range(n)]
 
 
-def tiled_spp(module: nn.Module, x: Tensor, plan: TilePlan, levels: Sequence[int],
-              mode: PoolingMode = "max", *, prepare: Prepare | None = None) -> Tensor:  # fmt: skip
+def tiled_spp(
+    module: nn.Module,
+    x: Tensor,
+    plan: TilePlan,
+    levels: Sequence[int],
+    mode: PoolingMode = "max",
+    *,
+    prepare: Prepare | None = None,
+) -> Tensor:
     """``spatial_pyramid_pool(tiled_trunk(...))`` without holding the map: each tile's core
     is folded into the bins (max of maxima; sums and counts for average), bin edges from the
     whole map's size. Returns ``Tensor[N, D]``."""
@@ -345,8 +399,11 @@ def tiled_spp(module: nn.Module, x: Tensor, plan: TilePlan, levels: Sequence[int
                     c0, c1 = max(b0, tile.out_cols[0]), min(b1, tile.out_cols[1])
                     if c0 >= c1:
                         continue
-                    cell = core[..., r0 - tile.out_rows[0] : r1 - tile.out_rows[0],
-                                c0 - tile.out_cols[0] : c1 - tile.out_cols[0]]  # fmt: skip
+                    cell = core[
+                        ...,
+                        r0 - tile.out_rows[0] : r1 - tile.out_rows[0],
+                        c0 - tile.out_cols[0] : c1 - tile.out_cols[0],
+                    ]
                     if mode == "max":
                         block[..., i, j] = torch.maximum(block[..., i, j], cell.amax(dim=(-2, -1)))
                     else:
@@ -354,15 +411,22 @@ def tiled_spp(module: nn.Module, x: Tensor, plan: TilePlan, levels: Sequence[int
         del core
     if mode == "avg":
         for block, (row_bins, col_bins) in zip(acc, edges, strict=True):
-            counts = torch.tensor([[(a1 - a0) * (b1 - b0) for b0, b1 in col_bins] for a0, a1 in row_bins],
-                                  dtype=block.dtype, device=block.device)  # fmt: skip
+            counts = torch.tensor(
+                [[(a1 - a0) * (b1 - b0) for b0, b1 in col_bins] for a0, a1 in row_bins],
+                dtype=block.dtype,
+                device=block.device,
+            )
             block /= counts
     return torch.cat([block.flatten(1) for block in acc], dim=1)
 
 
-def normalising(mean: Tensor, std: Tensor, image_size: tuple[int, int],
-                dtype: torch.dtype = torch.float32,
-                memory_format: torch.memory_format = torch.contiguous_format) -> Prepare:  # fmt: skip
+def normalising(
+    mean: Tensor,
+    std: Tensor,
+    image_size: tuple[int, int],
+    dtype: torch.dtype = torch.float32,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Prepare:
     """A ``prepare`` for uint8 tiles: scale to [0, 1], normalise, and zero what lies outside
     the image (the min-size margin), as the whole-image run does; one tile at a time."""
 

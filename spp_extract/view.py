@@ -58,11 +58,17 @@ def _vds_unname(name: str) -> str:
     return re.sub("%%", "%", name)
 
 
-
 def assemble(
-    output: Path, run_dir: Path, keys: Sequence[bytes] | None, dim: int, dtype: str,
-    attrs: dict[str, Any], *, complete: bool = True, keep_prefixes: Sequence[bytes] = (),
-) -> tuple[int, int]:  # fmt: skip
+    output: Path,
+    run_dir: Path,
+    keys: Sequence[bytes] | None,
+    dim: int,
+    dtype: str,
+    attrs: dict[str, Any],
+    *,
+    complete: bool = True,
+    keep_prefixes: Sequence[bytes] = (),
+) -> tuple[int, int]:
     """Write ``output`` as a view over the run's shards, rows in ``keys`` order (sorted paths);
     ``keys=None`` takes every image with a result. ``complete=False`` (an interrupted run):
     the images of ``keys`` that have a result so far, and root attribute ``complete = false``.
@@ -114,8 +120,13 @@ def assemble(
     return len(ok), len(failed)
 
 
-def _gather(records: Sequence[tuple[bytes, Record]], handles: dict[int, h5py.File], name: str,
-            dtype: Any, width: int | None) -> np.ndarray:  # fmt: skip
+def _gather(
+    records: Sequence[tuple[bytes, Record]],
+    handles: dict[int, h5py.File],
+    name: str,
+    dtype: Any,
+    width: int | None,
+) -> np.ndarray:
     shape = (len(records), width) if width else (len(records),)
     out = np.empty(shape, dtype=object if dtype in (STR,) else dtype)
     cache: dict[int, np.ndarray] = {}
@@ -130,19 +141,22 @@ def _gather(records: Sequence[tuple[bytes, Record]], handles: dict[int, h5py.Fil
     return out
 
 
-def _write_rows(group: h5py.Group, records: Sequence[tuple[bytes, Record]],
-                handles: dict[int, h5py.File]) -> None:  # fmt: skip
+def _write_rows(
+    group: h5py.Group, records: Sequence[tuple[bytes, Record]], handles: dict[int, h5py.File]
+) -> None:
     group.create_dataset("paths", data=[key_text(k) for k, _ in records], dtype=STR)
     group.create_dataset("path_bytes", data=bytes_array([k for k, _ in records]), dtype=BYTES)
     for name, (dtype, width) in ROW_FIELDS.items():
         group.create_dataset(name, data=_gather(records, handles, name, dtype, width), dtype=dtype)
 
 
-def _write_failed(group: h5py.Group, records: Sequence[tuple[bytes, Record]],
-                  handles: dict[int, h5py.File]) -> None:  # fmt: skip
+def _write_failed(
+    group: h5py.Group, records: Sequence[tuple[bytes, Record]], handles: dict[int, h5py.File]
+) -> None:
     _write_rows(group, records, handles)
-    group.create_dataset("error_class", data=_gather(records, handles, "error_class", STR, None),
-                         dtype=STR)  # fmt: skip
+    group.create_dataset(
+        "error_class", data=_gather(records, handles, "error_class", STR, None), dtype=STR
+    )
     group.create_dataset("errors", data=_gather(records, handles, "error", STR, None), dtype=STR)
 
 
@@ -225,8 +239,13 @@ def merge(source: Path, dest: Path, *, block_rows: int = 1024) -> int:
             features = src["features"]
             n, dim = features.shape
             rows = max(1, min(max(n, 1), (1 << 20) // max(1, dim * features.dtype.itemsize)))
-            target = out.create_dataset("features", shape=(n, dim), dtype=features.dtype,
-                                        chunks=(rows, dim), maxshape=(None, dim))  # fmt: skip
+            target = out.create_dataset(
+                "features",
+                shape=(n, dim),
+                dtype=features.dtype,
+                chunks=(rows, dim),
+                maxshape=(None, dim),
+            )
             for start in range(0, n, block_rows):
                 target[start : start + block_rows] = features[start : start + block_rows]
             for name, obj in src.items():
@@ -239,6 +258,9 @@ def merge(source: Path, dest: Path, *, block_rows: int = 1024) -> int:
         finish_atomic(tmp, dest)
     except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
-        raise disk_error(exc, dest, "nothing was written; free space or choose another "
-                                     "destination, then run merge again") from None  # fmt: skip
+        raise disk_error(
+            exc,
+            dest,
+            "nothing was written; free space or choose another destination, then run merge again",
+        ) from None
     return n

@@ -23,7 +23,9 @@ from spp_extract.backbones import Trunk  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _no_downloads(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_downloads(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every test sees an empty torch hub cache and no network for weights."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
 
@@ -73,7 +75,9 @@ def loop_spp(x: torch.Tensor, levels: tuple[int, ...], mode: str) -> torch.Tenso
     return torch.cat(blocks)
 
 
-def reference_vector(trunk: Trunk, path: Path, levels: tuple[int, ...], mode: str = "max") -> np.ndarray:
+def reference_vector(
+    trunk: Trunk, path: Path, levels: tuple[int, ...], mode: str = "max"
+) -> np.ndarray:
     """That image alone: decode, normalise, pad to the trunk's minimum side, trunk, loop SPP."""
     decoded = images.decode(str(path), max_pixels=10**9)
     x = decoded.pixels.float().div(255)
@@ -94,7 +98,9 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-def assert_vectors_close(actual: object, expected: object, rel: float = 1e-4, err_msg: str = "") -> None:
+def assert_vectors_close(
+    actual: object, expected: object, rel: float = 1e-4, err_msg: str = ""
+) -> None:
     """The tool's documented exactness, ``||actual - expected|| <= rel * ||expected||``, checked
     element by element: ``|a - e| <= rel/2 * |e| + rel/2 * rms(expected)``. Summed over the
     elements that bound implies the norm one, so it is never looser; a failure names the
@@ -105,8 +111,13 @@ def assert_vectors_close(actual: object, expected: object, rel: float = 1e-4, er
     np.testing.assert_allclose(actual, expected, rtol=rel / 2, atol=rel / 2 * rms, err_msg=err_msg)
 
 
-def run_python(*args: object, env: dict[str, str] | None = None, wait: bool = True,
-               new_session: bool = False, timeout: float = 300):  # fmt: skip
+def run_python(
+    *args: object,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    new_session: bool = False,
+    timeout: float = 300,
+):
     """``python ARGS`` in a fresh interpreter that imports this checkout's spp_extract: the one
     way tests start the CLI (``run_python(CRASH_RUNNER, fault, "--", "extract", ...)``), torchrun
     (``run_python(*TORCHRUN, ...)``) or a snippet (``run_python("-c", code)``).
@@ -118,10 +129,17 @@ def run_python(*args: object, env: dict[str, str] | None = None, wait: bool = Tr
     command = [sys.executable, *map(str, args)]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     if not wait:
-        return subprocess.Popen(command, env=full_env, stderr=subprocess.PIPE, text=True,
-                                start_new_session=new_session)  # fmt: skip
-    return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout,
-                          start_new_session=new_session)  # fmt: skip
+        return subprocess.Popen(
+            command, env=full_env, stderr=subprocess.PIPE, text=True, start_new_session=new_session
+        )
+    return subprocess.run(
+        command,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=new_session,
+    )
 
 
 def fast_commits(folder: Path) -> Path:
@@ -138,7 +156,10 @@ def keyed(out: Path) -> dict:
     data = read_features(out)
     assert len(set(data.paths)) == len(data.paths), "a path appears twice"
     assert not np.isnan(data.features).any(), "fill-value rows"
-    return {"rows": dict(zip(data.paths, data.features, strict=True)), "failed": sorted(data.failed_paths)}
+    return {
+        "rows": dict(zip(data.paths, data.features, strict=True)),
+        "failed": sorted(data.failed_paths),
+    }
 
 
 def assert_same(got: dict, want: dict, failed: list[str]) -> None:

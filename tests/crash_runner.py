@@ -63,6 +63,7 @@ def install(fault: str) -> None:
 
         os.replace = replace_then_maybe_kill()
     elif name == "kill-after-commit":
+
         def after(original, self):  # noqa: ANN001, ANN202
             result = original(self)
             _kill()
@@ -78,6 +79,7 @@ def install(fault: str) -> None:
 
         view.finish_atomic = finish
     elif name in ("kill-in-put", "enospc-in-put"):
+
         class _Full:
             def __setitem__(self, _key, _value):  # noqa: ANN001, ANN204
                 raise OSError(errno.ENOSPC, "No space left on device")

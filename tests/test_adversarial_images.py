@@ -23,8 +23,15 @@ from spp_extract import ImageError
 from spp_extract.images import decode, find_images, read_size
 
 # The classes the README documents for failed/error_class that a file's content can cause.
-DOCUMENTED = {"empty_file", "truncated", "not_an_image", "corrupt", "too_large", "unsupported_mode",
-              "out_of_memory"}  # fmt: skip
+DOCUMENTED = {
+    "empty_file",
+    "truncated",
+    "not_an_image",
+    "corrupt",
+    "too_large",
+    "unsupported_mode",
+    "out_of_memory",
+}
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -57,7 +64,9 @@ stems = st.binary(min_size=1, max_size=80).filter(lambda b: b"/" not in b and b"
 
 @SETTINGS
 @given(st.lists(stems, min_size=1, max_size=6, unique=True))
-@example([b"-", b"--help", b"%s%n%%", b"a\nb", b"\r\t\x1b[31m", b"caf\xe9", b"\xff\xfe", b" ", b"."])
+@example(
+    [b"-", b"--help", b"%s%n%%", b"a\nb", b"\r\t\x1b[31m", b"caf\xe9", b"\xff\xfe", b" ", b"."]
+)
 def test_any_file_name_is_found_once_with_its_bytes_and_decodes(stems_):
     png = _png_bytes()
     names = [stem + b".png" for stem in stems_]
@@ -92,9 +101,15 @@ SUPPORTED = {  # formats Pillow writes each mode to, among those the tool opens
     "F": ["TIFF"],
 }
 EXIF_FORMATS = {"PNG", "JPEG", "TIFF", "WEBP"}
-TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-             8: Image.Transpose.ROTATE_90}  # fmt: skip
+TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _exif(encoding: str, value: int) -> bytes | None:
@@ -124,17 +139,24 @@ def _image(mode: str, height: int, width: int, seed: int) -> tuple[Image.Image, 
     elif base == "F":
         img = Image.fromarray(rng.uniform(0, 1, (height, width)).astype(np.float32))
     else:
-        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(base)
+        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(
+            base
+        )
     save = {"transparency": int(np.asarray(img).flat[0])} if extra else {}
     return img, save
 
 
 @SETTINGS
 @given(
-    st.sampled_from(sorted(SUPPORTED)).flatmap(lambda m: st.tuples(st.just(m), st.sampled_from(SUPPORTED[m]))),
-    st.integers(1, 12), st.integers(1, 12), st.integers(0, 2**16),
-    st.integers(1, 8), st.sampled_from(["none", "short", "long", "ascii", "two-shorts", "out-of-range", "garbage"]),
-)  # fmt: skip
+    st.sampled_from(sorted(SUPPORTED)).flatmap(
+        lambda m: st.tuples(st.just(m), st.sampled_from(SUPPORTED[m]))
+    ),
+    st.integers(1, 12),
+    st.integers(1, 12),
+    st.integers(0, 2**16),
+    st.integers(1, 8),
+    st.sampled_from(["none", "short", "long", "ascii", "two-shorts", "out-of-range", "garbage"]),
+)
 @example(("RGB", "JPEG"), 3, 5, 0, 6, "ascii")  # issue 8, B6: the header reader used to turn it
 @example(("F", "TIFF"), 1, 2, 0, 5, "short")  # found by this test: Pillow 13 turns TIFFs itself
 @example(("RGB", "TIFF"), 2, 3, 0, 2, "short")

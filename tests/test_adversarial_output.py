@@ -36,8 +36,13 @@ NAME_CHARS = st.characters(codec="utf-8", exclude_characters="/\x00")
 
 
 @pytest.mark.slow
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.text(NAME_CHARS, min_size=1, max_size=40), suffix=st.sampled_from([".h5", "", ".H5", ".%b"]))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    name=st.text(NAME_CHARS, min_size=1, max_size=40),
+    suffix=st.sampled_from([".h5", "", ".H5", ".%b"]),
+)
 def test_any_output_name_works_or_is_refused_before_writing(tmp_path_factory, small, name, suffix):
     folder, reference = small
     directory = tmp_path_factory.mktemp("names")
@@ -62,9 +67,29 @@ FAULTS = ["kill-in-commit", "kill-after-commit", "kill-in-put", "kill-in-assembl
 
 
 def _cli(fault: str, folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_python(CRASH_RUNNER, fault, "--", "extract", folder, "-o", out, "--backbone",
-                      "resnet18", "--weights", "none", "--workers", "0", "--batch-size", "2",
-                      "--levels", "2,1", "-q", "--config", fast_commits(out.parent), *extra)  # fmt: skip
+    return run_python(
+        CRASH_RUNNER,
+        fault,
+        "--",
+        "extract",
+        folder,
+        "-o",
+        out,
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "none",
+        "--workers",
+        "0",
+        "--batch-size",
+        "2",
+        "--levels",
+        "2,1",
+        "-q",
+        "--config",
+        fast_commits(out.parent),
+        *extra,
+    )
 
 
 @pytest.mark.slow
@@ -81,7 +106,9 @@ def test_kills_at_random_moments_of_incremental_runs(tmp_path, seed):
     assert _cli("none", folder, out).returncode == 0
     for step in range(2):
         for i in range(rng.randint(1, 4)):  # new images
-            Image.fromarray(photo(28, 20 + 4 * i, seed=100 * step + i)).save(folder / f"n{step}_{i}.png")
+            Image.fromarray(photo(28, 20 + 4 * i, seed=100 * step + i)).save(
+                folder / f"n{step}_{i}.png"
+            )
         victim = rng.choice(sorted(folder.iterdir()))
         Image.fromarray(photo(30, 30, seed=999 + step)).save(victim.with_suffix(".png"))  # changed
         if step == 1:

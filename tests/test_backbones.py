@@ -14,7 +14,7 @@ from spp_extract.backbones import (
     expected_cache_file,
     resolve,
     supported_backbones,
-)  # fmt: skip
+)
 
 
 @pytest.mark.slow
@@ -25,10 +25,24 @@ def test_every_family_has_models_and_a_valid_default_layer():
         assert members, family.prefix
         layer, channels, _ = describe(members[0])
         assert layer == family.default_layer and channels > 0
-    for required in ("resnet50", "resnext50_32x4d", "wide_resnet50_2", "vgg16_bn", "alexnet",
-                     "densenet121", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
-                     "efficientnet_v2_s", "regnet_y_400mf", "convnext_tiny", "squeezenet1_1",
-                     "shufflenet_v2_x1_0", "mnasnet1_0", "googlenet"):  # fmt: skip
+    for required in (
+        "resnet50",
+        "resnext50_32x4d",
+        "wide_resnet50_2",
+        "vgg16_bn",
+        "alexnet",
+        "densenet121",
+        "mobilenet_v2",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "efficientnet_v2_s",
+        "regnet_y_400mf",
+        "convnext_tiny",
+        "squeezenet1_1",
+        "shufflenet_v2_x1_0",
+        "mnasnet1_0",
+        "googlenet",
+    ):
         assert required in names
 
 
@@ -125,10 +139,12 @@ def test_state_dict_for_another_architecture_names_keys(tmp_path):
 
 @pytest.mark.parametrize(
     "write, message",
-    [(lambda path: torch.save([1, 2, 3], path), "not a state dict"),
-     (lambda path: path.write_bytes(b"this is not a checkpoint"), "weights_only=True")],
+    [
+        (lambda path: torch.save([1, 2, 3], path), "not a state dict"),
+        (lambda path: path.write_bytes(b"this is not a checkpoint"), "weights_only=True"),
+    ],
     ids=["a-list", "garbage"],
-)  # fmt: skip
+)
 def test_weights_file_that_is_not_a_state_dict(tmp_path, write, message):
     path = tmp_path / "weights.pt"
     write(path)
@@ -203,7 +219,9 @@ def test_resolving_a_config_never_reads_or_downloads_weights(monkeypatch, weight
     assert calls == []
 
 
-@pytest.mark.parametrize(("layer", "block"), [("layer3.1.conv2", "layer3.1"), ("layer2.0.downsample", "layer2.0")])
+@pytest.mark.parametrize(
+    ("layer", "block"), [("layer3.1.conv2", "layer3.1"), ("layer2.0.downsample", "layer2.0")]
+)
 def test_a_layer_inside_a_block_names_the_block_to_cut_at(layer, block):
     """torchvision's graph knows the name; the trunk cannot be cut there: say where it can."""
     with pytest.raises(ConfigError) as info:

@@ -15,8 +15,19 @@ from spp_extract.masking import MaskedTrunk, maskable
 pytestmark = pytest.mark.slow  # every test runs models or starts processes (> 1 s each)
 
 # odd and tiny sizes; several share a 64-px bucket so they really are padded together
-SIZES = [(1, 1), (3, 50), (17, 33), (40, 64), (64, 64), (33, 5), (65, 70), (100, 128), (127, 99),
-         (31, 31), (80, 120)]  # fmt: skip
+SIZES = [
+    (1, 1),
+    (3, 50),
+    (17, 33),
+    (40, 64),
+    (64, 64),
+    (33, 5),
+    (65, 70),
+    (100, 128),
+    (127, 99),
+    (31, 31),
+    (80, 120),
+]
 
 
 def _batch(sizes, min_side, seed=0):
@@ -47,9 +58,15 @@ def test_masked_padding_equals_per_image_and_plain_padding_does_not(backbone):
             assert tuple(ref_map.shape[-2:]) == finals[i]
             h, w = finals[i]
             ref = loop_spp(ref_map, levels, "max").numpy()
-            assert_vectors_close(loop_spp(out[i, :, :h, :w], levels, "max").numpy(), ref, rel=1e-4,
-                                 err_msg=f"image {i}, {inputs[i]}")  # fmt: skip
-            worst_plain = max(worst_plain, rel_err(loop_spp(plain[i, :, :h, :w], levels, "max").numpy(), ref))
+            assert_vectors_close(
+                loop_spp(out[i, :, :h, :w], levels, "max").numpy(),
+                ref,
+                rel=1e-4,
+                err_msg=f"image {i}, {inputs[i]}",
+            )
+            worst_plain = max(
+                worst_plain, rel_err(loop_spp(plain[i, :, :h, :w], levels, "max").numpy(), ref)
+            )
     assert worst_plain > 1e-2  # zero padding alone is not exact: keep the masks
 
 
@@ -72,12 +89,18 @@ def test_padded_runs_end_to_end_match_per_image(tmp_path, mixed_folder, backbone
     for row, name in enumerate(data.paths):
         h, w = (int(v) for v in name.removesuffix(".png").split("_")[-1].split("x"))
         assert tuple(data.image_size[row]) == (h, w)  # rows stay aligned with their paths
-        assert_vectors_close(data.features[row], reference_vector(trunk, mixed_folder / name, (4, 2, 1)),
-                             rel=1e-4, err_msg=name)  # fmt: skip
+        assert_vectors_close(
+            data.features[row],
+            reference_vector(trunk, mixed_folder / name, (4, 2, 1)),
+            rel=1e-4,
+            err_msg=name,
+        )
 
 
 def test_squeeze_excitation_backbone_falls_back_and_stays_exact(tmp_path, mixed_folder, caplog):
-    config = Config(backbone="mobilenet_v3_small", weights="none", batching="padded", batch_size=16, workers=0)
+    config = Config(
+        backbone="mobilenet_v3_small", weights="none", batching="padded", batch_size=16, workers=0
+    )
     trunk = build_trunk(config)
     assert not maskable(trunk.module)
     with caplog.at_level(logging.INFO, logger="spp_extract"):
@@ -85,8 +108,12 @@ def test_squeeze_excitation_backbone_falls_back_and_stays_exact(tmp_path, mixed_
     assert "identical sizes only" in caplog.text
     data = read_features(tmp_path / "f.h5")
     for row, name in enumerate(data.paths):
-        assert_vectors_close(data.features[row], reference_vector(trunk, mixed_folder / name, (4, 2, 1)),
-                             rel=1e-4, err_msg=name)  # fmt: skip
+        assert_vectors_close(
+            data.features[row],
+            reference_vector(trunk, mixed_folder / name, (4, 2, 1)),
+            rel=1e-4,
+            err_msg=name,
+        )
 
 
 def test_out_of_memory_splits_the_batch_and_tiles_only_the_image_that_never_fits(monkeypatch):
@@ -105,8 +132,10 @@ def test_out_of_memory_splits_the_batch_and_tiles_only_the_image_that_never_fits
     x, _, _ = _batch(sizes, 1)
     pixels = (x.clamp(-2, 2) * 60 + 128).to(torch.uint8)
     metas = [RowMeta(image_size=s, input_size=s) for s in sizes]
-    whole = [real_run(pixels[i : i + 1, :, : s[0], : s[1]], [RowMeta(image_size=s, input_size=s)])[0]
-             for i, s in enumerate(sizes)]  # fmt: skip
+    whole = [
+        real_run(pixels[i : i + 1, :, : s[0], : s[1]], [RowMeta(image_size=s, input_size=s)])[0]
+        for i, s in enumerate(sizes)
+    ]
     monkeypatch.setattr(extractor, "_run", limited)
     results = extractor(pixels, metas)
     # The image that never fits whole is retried in tiles (issue 10), which do not go through

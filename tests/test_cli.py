@@ -37,9 +37,24 @@ def test_help_texts():
         assert command in result.output
     result = _run("extract", "--help")
     assert result.exit_code == 0
-    for flag in ("--config", "--backbone", "--layer", "--weights", "--levels", "--pooling",
-                 "--batch-size", "--workers", "--device", "--dtype", "--overwrite", "--resume",
-                 "--files-from", "--quiet", "--strict", "--retry-failed"):  # fmt: skip
+    for flag in (
+        "--config",
+        "--backbone",
+        "--layer",
+        "--weights",
+        "--levels",
+        "--pooling",
+        "--batch-size",
+        "--workers",
+        "--device",
+        "--dtype",
+        "--overwrite",
+        "--resume",
+        "--files-from",
+        "--quiet",
+        "--strict",
+        "--retry-failed",
+    ):
         assert flag in result.output, flag
 
 
@@ -72,7 +87,10 @@ def test_unknown_config_key_exit_2_nothing_written(tmp_path, example_dir):
         (["--workers", "5000"], "workers = 5000 is invalid"),
         (["--layer", "layer9"], "unknown layer 'layer9'"),
         (["--weights", "missing.pt"], "neither a file nor a weights name"),
-        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "cuda"),
+        (
+            ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"],
+            "cuda",
+        ),
         (["--pooling", "sum"], "pooling = 'sum' is invalid"),
     ],
 )
@@ -98,7 +116,9 @@ def test_unwritable_output_folder(tmp_path, example_dir, monkeypatch):
     locked.mkdir(mode=0o500)
     if os.geteuid() == 0:  # root may write anywhere: make the permission check say no
         real_access = os.access
-        monkeypatch.setattr(os, "access", lambda p, m: False if Path(p) == locked else real_access(p, m))
+        monkeypatch.setattr(
+            os, "access", lambda p, m: False if Path(p) == locked else real_access(p, m)
+        )
     result = _run("extract", example_dir, "-o", locked / "out.h5", *FAST)
     assert result.exit_code == 2 and "not writable" in result.stderr
     assert not any(locked.iterdir())
@@ -134,10 +154,16 @@ def test_hostile_folder_records_failures_and_strict_exits_1(tmp_path, example_di
     result = _run(*args)
     assert result.exit_code == 0, result.output
     with h5py.File(out, "r") as f:
-        failed = dict(zip(f["failed/paths"].asstr()[:], f["failed/error_class"].asstr()[:], strict=True))
-        assert failed == {"cut.jpg": "truncated", "dangling.png": "dangling_symlink",
-                          "empty.jpg": "empty_file", "huge.png": "too_large",
-                          "text.png": "not_an_image"}  # fmt: skip
+        failed = dict(
+            zip(f["failed/paths"].asstr()[:], f["failed/error_class"].asstr()[:], strict=True)
+        )
+        assert failed == {
+            "cut.jpg": "truncated",
+            "dangling.png": "dangling_symlink",
+            "empty.jpg": "empty_file",
+            "huge.png": "too_large",
+            "text.png": "not_an_image",
+        }
         assert all(f["failed/errors"].asstr()[:])
         assert f["features"].shape[0] == 12 and "cut.jpg" not in list(f["paths"].asstr()[:])
     result = _run(*args, "--overwrite", "--strict")
@@ -167,8 +193,18 @@ def test_python_dash_m_works(tmp_path, example_dir):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_ONLY = {"inputs", "output", "files_from", "resume", "overwrite", "retry_failed", "strict", "quiet", "ctx",
-            "project"}  # fmt: skip
+RUN_ONLY = {
+    "inputs",
+    "output",
+    "files_from",
+    "resume",
+    "overwrite",
+    "retry_failed",
+    "strict",
+    "quiet",
+    "ctx",
+    "project",
+}
 
 
 def test_help_shows_no_type_beside_flags():
@@ -193,14 +229,42 @@ def test_config_command_takes_every_configuration_flag_of_extract():
     commands = typer.main.get_command(app).commands
     extract_flags = {p.name for p in commands["extract"].params} - RUN_ONLY
     assert {p.name for p in commands["config"].params} == extract_flags == set(CONFIG_FLAGS)
-    result = _run("config", "--weights", "none", "--batch-size", "3", "--batch-pixels", "1000",
-                  "--batching", "padded", "--workers", "0", "--device", "cpu", "--dtype", "float16",
-                  "--precision", "bf16", "--max-pixels", "100", "--allow-truncated",
-                  "--follow-symlinks")  # fmt: skip
+    result = _run(
+        "config",
+        "--weights",
+        "none",
+        "--batch-size",
+        "3",
+        "--batch-pixels",
+        "1000",
+        "--batching",
+        "padded",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float16",
+        "--precision",
+        "bf16",
+        "--max-pixels",
+        "100",
+        "--allow-truncated",
+        "--follow-symlinks",
+    )
     assert result.exit_code == 0, result.output
-    for line in ("batch_size = 3", "batch_pixels = 1000", 'batching = "padded"', "workers = 0",
-                 'device = "cpu"', 'dtype = "float16"', 'precision = "bf16"', "max_pixels = 100",
-                 "allow_truncated = true", "follow_symlinks = true"):  # fmt: skip
+    for line in (
+        "batch_size = 3",
+        "batch_pixels = 1000",
+        'batching = "padded"',
+        "workers = 0",
+        'device = "cpu"',
+        'dtype = "float16"',
+        'precision = "bf16"',
+        "max_pixels = 100",
+        "allow_truncated = true",
+        "follow_symlinks = true",
+    ):
         assert line in result.output.splitlines(), line
 
 
@@ -250,7 +314,9 @@ def test_progress_draws_only_on_a_terminal_and_only_with_work():
     shown(0, 5)
     shown(5, 5)
     shown.close()
-    assert tty.getvalue().startswith("spp-extract: loading resnet50 ...\n") and "5/5" in tty.getvalue()
+    assert (
+        tty.getvalue().startswith("spp-extract: loading resnet50 ...\n") and "5/5" in tty.getvalue()
+    )
     quiet = Progress(_Terminal(), enabled=False)
     quiet.status("x")
     quiet(0, 5)
@@ -269,7 +335,9 @@ def test_summary_strict_quiet_and_escaped_file_names(tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 2 and lines[0].startswith("1 images, 1 failed, 10752-dim vectors")
     assert lines[1].startswith("  failed: bad\\x1b[31m\\nname.png: not_an_image: ")
-    assert "\x1b" not in result.stderr and "img/s" not in result.stderr and "\r" not in result.stderr
+    assert (
+        "\x1b" not in result.stderr and "img/s" not in result.stderr and "\r" not in result.stderr
+    )
     # nothing left to do: only the summary, no empty progress bars
     result = _run("extract", folder, "-o", out, *FAST[:-1], "--resume")
     assert result.exit_code == 0 and result.stderr.splitlines()[0].startswith("1 images, 1 failed")
@@ -280,13 +348,29 @@ def test_summary_strict_quiet_and_escaped_file_names(tmp_path):
 
 def test_resume_command_drops_overwrite_and_names_the_module():
     python = os.path.basename(sys.executable)
-    command = resume_command(cli._program("/x/site-packages/spp_extract/__main__.py"), "extract",
-                             [("--output", "o.h5"), ("--overwrite", True), ("--workers", "0")],
-                             ["in dir", "-odd"])  # fmt: skip
-    assert shlex.split(command) == [python, "-m", "spp_extract", "extract", "--output", "o.h5",
-                                    "--workers", "0", "--resume", "--", "in dir", "-odd"]  # fmt: skip
-    command = resume_command(cli._program("/usr/bin/spp-extract"), "extract",
-                             [("--resume", True)], ["x\udce9\n.png"])  # fmt: skip
+    command = resume_command(
+        cli._program("/x/site-packages/spp_extract/__main__.py"),
+        "extract",
+        [("--output", "o.h5"), ("--overwrite", True), ("--workers", "0")],
+        ["in dir", "-odd"],
+    )
+    assert shlex.split(command) == [
+        python,
+        "-m",
+        "spp_extract",
+        "extract",
+        "--output",
+        "o.h5",
+        "--workers",
+        "0",
+        "--resume",
+        "--",
+        "in dir",
+        "-odd",
+    ]
+    command = resume_command(
+        cli._program("/usr/bin/spp-extract"), "extract", [("--resume", True)], ["x\udce9\n.png"]
+    )
     assert command == "spp-extract extract --resume $'x\\xe9\\n.png'"
 
 
@@ -302,8 +386,19 @@ def test_interrupted_run_prints_a_resume_command_that_runs(tmp_path, example_dir
     monkeypatch.setattr(pipeline, "extract", interrupted)
     monkeypatch.setattr(sys, "argv", ["/x/spp_extract/__main__.py"])  # as under python -m
     config = ROOT / "configs" / "mobile_fast.toml"
-    result = _run("extract", example_dir, "-o", tmp_path / "out.h5", "-c", config, "--overwrite",
-                  "--weights", "none", "--allow-truncated", "-q")  # fmt: skip
+    result = _run(
+        "extract",
+        example_dir,
+        "-o",
+        tmp_path / "out.h5",
+        "-c",
+        config,
+        "--overwrite",
+        "--weights",
+        "none",
+        "--allow-truncated",
+        "-q",
+    )
     assert result.exit_code == 130
     line = result.stderr.splitlines()[-1]
     assert line.startswith("  resume with: ")
@@ -317,8 +412,17 @@ def test_interrupted_run_prints_a_resume_command_that_runs(tmp_path, example_dir
 
 def test_config_file_value_is_named_when_it_conflicts_with_a_flag(tmp_path, example_dir):
     config = ROOT / "configs" / "sppnet_vgg16.toml"
-    result = _run("extract", example_dir, "-o", tmp_path / "out.h5", *FAST, "-c", config,
-                  "--backbone", "resnet18")  # fmt: skip
+    result = _run(
+        "extract",
+        example_dir,
+        "-o",
+        tmp_path / "out.h5",
+        *FAST,
+        "-c",
+        config,
+        "--backbone",
+        "resnet18",
+    )
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
@@ -329,8 +433,17 @@ def test_config_file_value_is_named_when_it_conflicts_with_a_flag(tmp_path, exam
 
 
 def test_offline_default_weights_offer_none_and_print_nothing_on_stdout(tmp_path, example_dir):
-    result = _run("extract", example_dir, "-o", tmp_path / "out.h5", "--backbone", "resnet18",
-                  "--workers", "0", "-q")  # fmt: skip
+    result = _run(
+        "extract",
+        example_dir,
+        "-o",
+        tmp_path / "out.h5",
+        "--backbone",
+        "resnet18",
+        "--workers",
+        "0",
+        "-q",
+    )
     assert result.exit_code == 2
     assert result.stdout == ""  # torch.hub's "Downloading: ..." line
     lines = result.stderr.strip().splitlines()
@@ -383,7 +496,9 @@ def _foreign_h5(path: Path) -> Path:
     ids=["missing", "folder", "text", "foreign-hdf5"],
 )
 @pytest.mark.parametrize("command", ["inspect", "merge"])
-def test_inspect_and_merge_refuse_what_is_not_an_output_in_one_line(tmp_path, make, fragment, command):
+def test_inspect_and_merge_refuse_what_is_not_an_output_in_one_line(
+    tmp_path, make, fragment, command
+):
     source = make(tmp_path)
     args = [command, source] + ([tmp_path / "m.h5"] if command == "merge" else [])
     result = _run(*args)
@@ -396,11 +511,13 @@ def test_inspect_and_merge_refuse_what_is_not_an_output_in_one_line(tmp_path, ma
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "dest, fragment",
-    [(lambda f: f.parent / "nodir" / "m.h5", "does not exist"),
-     (lambda f: f.parent, "is a folder"),
-     (lambda f: f.parent / "f.h5.shards" / "m.h5", "inside its shards folder")],
+    [
+        (lambda f: f.parent / "nodir" / "m.h5", "does not exist"),
+        (lambda f: f.parent, "is a folder"),
+        (lambda f: f.parent / "f.h5.shards" / "m.h5", "inside its shards folder"),
+    ],
     ids=["missing-folder", "folder", "own-shards"],
-)  # fmt: skip
+)
 def test_merge_refuses_bad_destinations_in_one_line(finished, dest, fragment):
     result = _run("merge", finished, dest(finished))
     assert result.exit_code == 2

@@ -15,7 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults():
     c = load_config()
-    assert (c.backbone, c.layer, c.weights, c.levels, c.pooling) == ("resnet50", "", "DEFAULT", (4, 2, 1), "max")
+    assert (c.backbone, c.layer, c.weights, c.levels, c.pooling) == (
+        "resnet50",
+        "",
+        "DEFAULT",
+        (4, 2, 1),
+        "max",
+    )
 
 
 def test_precedence_flag_over_file_over_default(tmp_path):
@@ -81,7 +87,9 @@ def test_cli_levels_parsing():
         parse_levels("4;2")
 
 
-@pytest.mark.parametrize("text", ["4,,2", "4,2,", ",4", "", " ", "\u0664,2", "4,\uff12", "+4", "4_0", "0x4"])
+@pytest.mark.parametrize(
+    "text", ["4,,2", "4,2,", ",4", "", " ", "\u0664,2", "4,\uff12", "+4", "4_0", "0x4"]
+)
 def test_cli_levels_take_ascii_digits_and_no_empty_parts(text):
     with pytest.raises(ConfigError, match="expected comma-separated integers from 1 to 16"):
         parse_levels(text)
@@ -90,14 +98,18 @@ def test_cli_levels_take_ascii_digits_and_no_empty_parts(text):
 @pytest.mark.parametrize("text", ["\u0664", "1_000", "+5", "5.0", "", "auto2", "0x10"])
 def test_cli_integers_take_ascii_digits_only(text):
     parse = int_or_auto("batch-size")
-    with pytest.raises(ConfigError, match="--batch-size '.*' is invalid; expected an integer or 'auto'"):
+    with pytest.raises(
+        ConfigError, match="--batch-size '.*' is invalid; expected an integer or 'auto'"
+    ):
         parse(text)
     assert parse("auto") == "auto" and parse(" 12 ") == 12
 
 
 def test_cli_huge_integer_is_refused_by_the_range_check():
     value = int_or_auto("batch-size")("9" * 5000)  # int() itself refuses > 4300 digits
-    with pytest.raises(ConfigError, match="batch_size = .* is invalid; expected an integer from 1 to 65536"):
+    with pytest.raises(
+        ConfigError, match="batch_size = .* is invalid; expected an integer from 1 to 65536"
+    ):
         load_config(batch_size=value)
     with pytest.raises(ConfigError, match="levels = .* is invalid"):
         load_config(levels=parse_levels("1000"))  # ~2 GB per vector
@@ -106,29 +118,49 @@ def test_cli_huge_integer_is_refused_by_the_range_check():
 @pytest.mark.parametrize(
     "text, fragment",
     [
-        ("mean = [nan, 0, 0]\nstd = [1, 1, 1]", "mean = [nan, 0, 0] is invalid; expected three finite"),
-        ("mean = [0, 0, 0]\nstd = [inf, 1, 1]", "std = [inf, 1, 1] is invalid; expected three finite"),
+        (
+            "mean = [nan, 0, 0]\nstd = [1, 1, 1]",
+            "mean = [nan, 0, 0] is invalid; expected three finite",
+        ),
+        (
+            "mean = [0, 0, 0]\nstd = [inf, 1, 1]",
+            "std = [inf, 1, 1] is invalid; expected three finite",
+        ),
         ("mean = [0, 0, 0]\nstd = [1e-300, 1, 1]", "std = [1e-300, 1, 1] is invalid"),
         ("mean = [0, 0, 0]\nstd = [0, 1, 1]", "std = [0, 1, 1] is invalid"),
-        ("commit_seconds = nan", "commit_seconds = nan is invalid; expected a number of seconds > 0"),
+        (
+            "commit_seconds = nan",
+            "commit_seconds = nan is invalid; expected a number of seconds > 0",
+        ),
         ("commit_seconds = inf", "commit_seconds = inf is invalid"),
         ("commit_seconds = -inf", "commit_seconds = -inf is invalid"),
         ("decode_timeout = inf", "decode_timeout = inf is invalid"),
         ("decode_timeout = 1e9", "at most 604800 (one week)"),
-        ("levels = [1000]", "levels = [1000] is invalid; expected 1 to 8 distinct integers from 1 to 16"),
+        (
+            "levels = [1000]",
+            "levels = [1000] is invalid; expected 1 to 8 distinct integers from 1 to 16",
+        ),
         ("levels = [1, 2, 3, 4, 5, 6, 7, 8, 9]", "expected 1 to 8 distinct integers"),
         ("levels = [4, 2.0]", "levels = [4, 2.0] is invalid"),
         ("levels = [true]", "levels = [True] is invalid"),
-        (f"max_pixels = {10**30}",
-         f"max_pixels = {10**30} is invalid; expected an integer from 1 to 1099511627776 or 'none'"),
-        ("batch_size = 100000", "batch_size = 100000 is invalid; expected an integer from 1 to 65536 or 'auto'"),
+        (
+            f"max_pixels = {10**30}",
+            f"max_pixels = {10**30} is invalid; expected an integer from 1 to 1099511627776 or 'none'",
+        ),
+        (
+            "batch_size = 100000",
+            "batch_size = 100000 is invalid; expected an integer from 1 to 65536 or 'auto'",
+        ),
         ("batch_pixels = 2199023255552", "batch_pixels = 2199023255552 is invalid"),
-        ("workers = 5000", "workers = 5000 is invalid; expected an integer from 0 to 1024 or 'auto'"),
+        (
+            "workers = 5000",
+            "workers = 5000 is invalid; expected an integer from 0 to 1024 or 'auto'",
+        ),
         ("seed = 18446744073709551616", "seed = 18446744073709551616 is invalid"),
         ("seed = 1.5", "seed = 1.5 is invalid"),
         ('device = "cuda:\u0664"', "device = 'cuda:\u0664' is invalid"),
     ],
-)  # fmt: skip
+)
 def test_non_finite_and_out_of_range_numbers_are_refused(tmp_path, text, fragment):
     path = tmp_path / "c.toml"
     path.write_text(text + "\n", encoding="utf-8")
@@ -140,9 +172,11 @@ def test_non_finite_and_out_of_range_numbers_are_refused(tmp_path, text, fragmen
 
 def test_numbers_at_the_bounds_are_accepted(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text("levels = [16, 8, 7, 6, 5, 3, 2, 1]\ncommit_seconds = 604800\ndecode_timeout = 0.5\n"
-                    "workers = 1024\nbatch_size = 65536\nseed = -9223372036854775808\n"
-                    "mean = [-1000, 0, 1000]\nstd = [1e-6, 1, 1000]\n")  # fmt: skip
+    path.write_text(
+        "levels = [16, 8, 7, 6, 5, 3, 2, 1]\ncommit_seconds = 604800\ndecode_timeout = 0.5\n"
+        "workers = 1024\nbatch_size = 65536\nseed = -9223372036854775808\n"
+        "mean = [-1000, 0, 1000]\nstd = [1e-6, 1, 1000]\n"
+    )
     c = load_config(path)
     assert c.levels == (16, 8, 7, 6, 5, 3, 2, 1) and c.commit_seconds == 604800.0
     assert c.mean == (-1000, 0, 1000) and c.std == (1e-6, 1, 1000) and c.seed == -(2**63)
@@ -165,8 +199,10 @@ def test_non_utf8_weights_path_is_refused_with_the_fix():
     with pytest.raises(ConfigError) as info:
         load_config(weights=bad)
     message = str(info.value)
-    assert message == ("weights = '/data/w\\xe9ights.pt' is invalid: it is not valid UTF-8; "
-                       "rename the file to a UTF-8 name")  # fmt: skip
+    assert message == (
+        "weights = '/data/w\\xe9ights.pt' is invalid: it is not valid UTF-8; "
+        "rename the file to a UTF-8 name"
+    )
     assert message.encode("utf-8")  # printable as it is
 
 
@@ -177,18 +213,47 @@ def test_to_toml_round_trips(tmp_path):
     assert load_config(path) == c
 
 
-HOSTILE = ["a\\b", 'say "hi"', "line\nbreak", "tab\there", "cr\rlf", "\x00nul", "\x1b[31mred", "del\x7f",
-           "c1\x85\x9f", "\u2028sep", "emoji \U0001f600", "'''", '"""', "\\u0041", "#x", "[t]", "\b\f"]  # fmt: skip
+HOSTILE = [
+    "a\\b",
+    'say "hi"',
+    "line\nbreak",
+    "tab\there",
+    "cr\rlf",
+    "\x00nul",
+    "\x1b[31mred",
+    "del\x7f",
+    "c1\x85\x9f",
+    "\u2028sep",
+    "emoji \U0001f600",
+    "'''",
+    '"""',
+    "\\u0041",
+    "#x",
+    "[t]",
+    "\b\f",
+]
 
 
 def test_to_toml_escapes_every_hostile_string():
     values = {f"k{i}": text for i, text in enumerate(HOSTILE)}
-    values.update(weights='/tmp/x\ny\\z".pt', n=math.inf, m=-math.inf, big=10**40, neg=-(2**70),
-                  tiny=5e-324, huge=1e300, z=-0.0, t=(1, 2.5, "x\ny"), flag=False)  # fmt: skip
+    values.update(
+        weights='/tmp/x\ny\\z".pt',
+        n=math.inf,
+        m=-math.inf,
+        big=10**40,
+        neg=-(2**70),
+        tiny=5e-324,
+        huge=1e300,
+        z=-0.0,
+        t=(1, 2.5, "x\ny"),
+        flag=False,
+    )
     values["key with space"] = "v"
-    values["k\n\"ey"] = "v"
+    values['k\n"ey'] = "v"
     text = to_toml(values)
-    assert tomllib.loads(text) == {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    assert tomllib.loads(text) == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in values.items()
+    }
     assert "\x00" not in text and "\x7f" not in text and "\x85" not in text and "\x1b" not in text
     assert math.isnan(tomllib.loads(to_toml({"x": math.nan}))["x"])
 
@@ -208,7 +273,9 @@ def _same(a, b) -> bool:
 
 
 _text = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)  # Cs: lone surrogates
-_scalar = st.one_of(_text, st.floats(), st.integers(min_value=-(10**60), max_value=10**60), st.booleans())
+_scalar = st.one_of(
+    _text, st.floats(), st.integers(min_value=-(10**60), max_value=10**60), st.booleans()
+)
 _value = st.one_of(_scalar, st.lists(_scalar, max_size=4).map(tuple), st.lists(_scalar, max_size=4))
 
 
@@ -224,7 +291,9 @@ def test_origins_name_the_file_and_line_and_are_not_configuration(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('# comment\nbackbone = "vgg16"\nlayer = "features.29"\n')
     c = load_config(path, layer="features")
-    assert dict(c.origins) == {"backbone": f"{path} line 2"}  # the flag's layer is not from the file
+    assert dict(c.origins) == {
+        "backbone": f"{path} line 2"
+    }  # the flag's layer is not from the file
     assert c == Config(backbone="vgg16", layer="features")  # origins are not compared
     assert "origins" not in c.to_dict() and "origins" not in repr(c)
     assert "backbone" not in c.replace(backbone="resnet18").origins

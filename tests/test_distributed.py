@@ -32,9 +32,23 @@ def inputs(tmp_path_factory, example_dir):
 
 def _run(inputs, out, *extra, fault="none", nproc=2, wait=True, env=None):
     launcher = [*TORCHRUN, f"--nproc-per-node={nproc}"] if nproc else []
-    return run_python(*launcher, CRASH_RUNNER, fault, "--", "extract", inputs, "-o", out, *ARGS,
-                      "--config", fast_commits(out.parent), *extra, wait=wait, env=env,
-                      timeout=600)  # fmt: skip
+    return run_python(
+        *launcher,
+        CRASH_RUNNER,
+        fault,
+        "--",
+        "extract",
+        inputs,
+        "-o",
+        out,
+        *ARGS,
+        "--config",
+        fast_commits(out.parent),
+        *extra,
+        wait=wait,
+        env=env,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +93,15 @@ def test_sigterm_under_torchrun_keeps_work(tmp_path, inputs, single):
     out = tmp_path / "out.h5"
     exits = tmp_path / "exits"
     exits.mkdir()
-    process = _run(inputs, out, fault="slow:0.2", wait=False,
-                   env={"SPP_TEST_EXIT_DIR": str(exits)})  # fmt: skip
+    process = _run(inputs, out, fault="slow:0.2", wait=False, env={"SPP_TEST_EXIT_DIR": str(exits)})
 
     def ranks_with_shards() -> set[str]:
-        return {rank for p in shards_root(out).rglob("a*.h5") for rank in ("-r0000-", "-r0001-")
-                if rank in p.name}  # fmt: skip
+        return {
+            rank
+            for p in shards_root(out).rglob("a*.h5")
+            for rank in ("-r0000-", "-r0001-")
+            if rank in p.name
+        }
 
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline and len(ranks_with_shards()) < 2:
@@ -100,7 +117,9 @@ def test_sigterm_under_torchrun_keeps_work(tmp_path, inputs, single):
         raise AssertionError("torchrun did not stop after SIGTERM") from None
     # Every rank exits 143, as Interrupted defines it; torchrun itself (its agent raises
     # SignalException) exits 1.
-    assert {p.name: p.read_text() for p in exits.iterdir()} == {"rank0": "143", "rank1": "143"}, stderr
+    assert {p.name: p.read_text() for p in exits.iterdir()} == {"rank0": "143", "rank1": "143"}, (
+        stderr
+    )
     assert process.returncode == 1, stderr
     assert stderr.count("interrupted by SIGTERM") == 2, stderr
     assert stderr.count("rerun the same command with --resume") == 2, stderr
@@ -126,10 +145,29 @@ def _ranks_by_hand(inputs, out, *extra, fault="none"):
         port = probe.getsockname()[1]
     processes = []
     for rank in range(2):
-        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-        processes.append(run_python(CRASH_RUNNER, fault, "--", "extract", inputs, "-o", out, *ARGS,
-                                    *extra, env=env, wait=False))  # fmt: skip
+        env = {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        processes.append(
+            run_python(
+                CRASH_RUNNER,
+                fault,
+                "--",
+                "extract",
+                inputs,
+                "-o",
+                out,
+                *ARGS,
+                *extra,
+                env=env,
+                wait=False,
+            )
+        )
     results = []
     for process in processes:
         try:
@@ -168,4 +206,3 @@ def test_a_model_error_on_one_rank_ends_every_rank_with_one_line(tmp_path, input
     assert len(lines) == 1 and "w.pt" in lines[0] and "does not exist" in lines[0], err1
     assert err0.strip() == ""  # rank 1 reports it
     assert not out.exists()
-

@@ -13,10 +13,19 @@ from spp_extract import Config, extract, images, read_features
 from spp_extract.backbones import build_trunk
 
 EXPECTED = [
-    "cmyk.jpg", "deep_16bit.png", "gray.png", "landscape.jpg", "palette.gif", "portrait.png",
-    "rotated_exif.jpg", "strip_3x500.png", "sub/UPPER.TIFF", "sub/nested.bmp", "tiny_1x1.png",
+    "cmyk.jpg",
+    "deep_16bit.png",
+    "gray.png",
+    "landscape.jpg",
+    "palette.gif",
+    "portrait.png",
+    "rotated_exif.jpg",
+    "strip_3x500.png",
+    "sub/UPPER.TIFF",
+    "sub/nested.bmp",
+    "tiny_1x1.png",
     "transparent.png",
-]  # fmt: skip
+]
 
 
 def _check_against_reference(out: Path, config: Config, example_dir: Path) -> None:
@@ -24,7 +33,10 @@ def _check_against_reference(out: Path, config: Config, example_dir: Path) -> No
     data = read_features(out)
     assert data.paths == EXPECTED
     assert data.failed_paths == []
-    assert data.features.shape == (len(EXPECTED), trunk.channels * sum(n * n for n in config.levels))
+    assert data.features.shape == (
+        len(EXPECTED),
+        trunk.channels * sum(n * n for n in config.levels),
+    )
     for row, name in enumerate(data.paths):
         expected = reference_vector(trunk, example_dir / name, config.levels, config.pooling)
         assert_vectors_close(data.features[row], expected, rel=1e-4, err_msg=name)
@@ -65,7 +77,11 @@ def test_state_dict_file_weights(tmp_path, example_dir):
 def one_image_a_batch(tmp_path_factory, example_dir):
     """The baseline the batched runs are compared with: batch size 1, no workers."""
     out = tmp_path_factory.mktemp("one_a_batch") / "b1-w0-same-size.h5"
-    extract([example_dir], out, config=Config(backbone="resnet18", weights="none", batch_size=1, workers=0))
+    extract(
+        [example_dir],
+        out,
+        config=Config(backbone="resnet18", weights="none", batch_size=1, workers=0),
+    )
     return read_features(out)
 
 
@@ -74,16 +90,24 @@ def one_image_a_batch(tmp_path_factory, example_dir):
     "batch_size, workers, batching",
     [(8, 0, "same-size"), (8, 2, "same-size"), (8, 2, "padded")],
 )
-def test_vectors_do_not_depend_on_batch_size_workers_or_batching(tmp_path, example_dir, one_image_a_batch,
-                                                                 batch_size, workers, batching):  # fmt: skip
-    config = Config(backbone="resnet18", weights="none", batch_size=batch_size, workers=workers,
-                    batching=batching)  # fmt: skip
+def test_vectors_do_not_depend_on_batch_size_workers_or_batching(
+    tmp_path, example_dir, one_image_a_batch, batch_size, workers, batching
+):
+    config = Config(
+        backbone="resnet18",
+        weights="none",
+        batch_size=batch_size,
+        workers=workers,
+        batching=batching,
+    )
     out = tmp_path / f"b{batch_size}-w{workers}-{batching}.h5"
     extract([example_dir], out, config=config)
     data, base = read_features(out), one_image_a_batch
     assert data.paths == base.paths
     for row in range(len(base.paths)):
-        assert_vectors_close(data.features[row], base.features[row], rel=1e-4, err_msg=base.paths[row])
+        assert_vectors_close(
+            data.features[row], base.features[row], rel=1e-4, err_msg=base.paths[row]
+        )
 
 
 @pytest.mark.slow
@@ -94,13 +118,26 @@ def test_file_layout_and_attributes(tmp_path, example_dir):
     with h5py.File(out, "r") as f:
         assert f["features"].dtype == np.float16
         assert f["features"].shape == (12, 512 * 5)
-        for name in ("paths", "path_bytes", "image_size", "feature_map_size", "input_size",
-                     "mode", "failed/paths", "failed/errors", "failed/error_class"):  # fmt: skip
+        for name in (
+            "paths",
+            "path_bytes",
+            "image_size",
+            "feature_map_size",
+            "input_size",
+            "mode",
+            "failed/paths",
+            "failed/errors",
+            "failed/error_class",
+        ):
             assert name in f, name
         assert f["image_size"].dtype == np.int32 and f["image_size"].shape == (12, 2)
         attrs = f.attrs
         assert attrs["format_version"] == 1
-        assert (attrs["backbone"], attrs["layer"], attrs["weights"]) == ("resnet18", "layer4", "none")
+        assert (attrs["backbone"], attrs["layer"], attrs["weights"]) == (
+            "resnet18",
+            "layer4",
+            "none",
+        )
         assert list(attrs["levels"]) == [2, 1] and attrs["pooling"] == "max"
         assert attrs["channels"] == 512 and attrs["feature_dim"] == 2560
         assert attrs["dtype"] == "float16"
@@ -112,7 +149,10 @@ def test_file_layout_and_attributes(tmp_path, example_dir):
         rotated = paths.index("rotated_exif.jpg")
         assert tuple(f["image_size"][rotated]) == (160, 120)  # displayed size, EXIF applied
         tiny = paths.index("tiny_1x1.png")
-        assert tuple(f["image_size"][tiny]) == (1, 1) and tuple(f["feature_map_size"][tiny]) == (1, 1)
+        assert tuple(f["image_size"][tiny]) == (1, 1) and tuple(f["feature_map_size"][tiny]) == (
+            1,
+            1,
+        )
         modes = dict(zip(paths, f["mode"].asstr()[:], strict=True))
         assert modes["cmyk.jpg"] == "CMYK" and modes["deep_16bit.png"] == "I;16"
 
@@ -120,15 +160,21 @@ def test_file_layout_and_attributes(tmp_path, example_dir):
 @pytest.mark.slow
 def test_rows_are_sorted_and_keyed_by_relative_path(tmp_path, example_dir):
     out = tmp_path / "f.h5"
-    extract([example_dir / "sub", example_dir / "landscape.jpg"], out,
-            config=Config(backbone="resnet18", weights="none", workers=0))  # fmt: skip
+    extract(
+        [example_dir / "sub", example_dir / "landscape.jpg"],
+        out,
+        config=Config(backbone="resnet18", weights="none", workers=0),
+    )
     paths = read_features(out).paths
     assert paths == sorted(paths, key=lambda p: p.encode())
     assert str(example_dir / "landscape.jpg") in paths  # given directly: stored as given
     assert "nested.bmp" in paths  # found in a folder: relative to it
     # a file inside a folder also given: one row, under the first input's path
-    result = extract([example_dir, example_dir / "sub" / "nested.bmp"], tmp_path / "g.h5",
-                     config=Config(backbone="resnet18", weights="none", workers=0))  # fmt: skip
+    result = extract(
+        [example_dir, example_dir / "sub" / "nested.bmp"],
+        tmp_path / "g.h5",
+        config=Config(backbone="resnet18", weights="none", workers=0),
+    )
     paths = read_features(tmp_path / "g.h5").paths
     assert "sub/nested.bmp" in paths and len(paths) == 12 and result.overlaps == 1
 
@@ -143,8 +189,11 @@ def test_extract_leaves_the_callers_process_as_it_found_it(tmp_path, example_dir
     torch.set_num_threads(max(1, threads - 1) if threads > 1 else 1)
     threads = torch.get_num_threads()
     flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
-    extract([example_dir], tmp_path / "f.h5",
-            config=Config(backbone="resnet18", weights="none", workers=0, seed=7))  # fmt: skip
+    extract(
+        [example_dir],
+        tmp_path / "f.h5",
+        config=Config(backbone="resnet18", weights="none", workers=0, seed=7),
+    )
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert torch.get_num_threads() == threads
     assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == flags
@@ -157,4 +206,6 @@ def test_another_models_weights_name_is_refused():
 
     with pytest.raises(ConfigError, match="not resnet50's"):
         resolve(Config(backbone="resnet50", weights="ResNet18_Weights.IMAGENET1K_V1"))
-    assert resolve(Config(backbone="resnet50", weights="ResNet50_Weights.IMAGENET1K_V1")).weights.endswith("IMAGENET1K_V1")
+    assert resolve(
+        Config(backbone="resnet50", weights="ResNet50_Weights.IMAGENET1K_V1")
+    ).weights.endswith("IMAGENET1K_V1")

@@ -12,16 +12,26 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("backbone", ["resnet50", "vgg11"])
 def test_padded_batches_on_gpu_equal_per_image_cpu_runs(tmp_path, example_dir, backbone):
-    config = Config(backbone=backbone, weights="none", device="cuda", batching="padded",
-                    batch_size=16, workers=2)  # fmt: skip
+    config = Config(
+        backbone=backbone,
+        weights="none",
+        device="cuda",
+        batching="padded",
+        batch_size=16,
+        workers=2,
+    )
     out = tmp_path / "f.h5"
     extract([example_dir], out, config=config)
     data = read_features(out)
     assert data.attrs["device"] == "cuda" and data.attrs["batching"] == "padded"
     trunk = build_trunk(config.replace(device="cpu"))
     for row, name in enumerate(data.paths):
-        assert_vectors_close(data.features[row], reference_vector(trunk, example_dir / name, (4, 2, 1)),
-                             rel=1e-4, err_msg=name)  # fmt: skip
+        assert_vectors_close(
+            data.features[row],
+            reference_vector(trunk, example_dir / name, (4, 2, 1)),
+            rel=1e-4,
+            err_msg=name,
+        )
 
 
 def test_bf16_is_close_but_opt_in(tmp_path, example_dir):

@@ -27,7 +27,9 @@ def folder(tmp_path, example_dir):
 
 def _failed(out):
     with h5py.File(out, "r") as f:
-        return dict(zip(f["failed/paths"].asstr()[:], f["failed/error_class"].asstr()[:], strict=True))
+        return dict(
+            zip(f["failed/paths"].asstr()[:], f["failed/error_class"].asstr()[:], strict=True)
+        )
 
 
 @pytest.mark.slow
@@ -51,15 +53,21 @@ def test_decoder_crash_and_hang_in_workers_become_failures(tmp_path, folder, mon
     trunk = build_trunk(CONFIG)
     data = read_features(out)
     for row, path in enumerate(data.paths):  # every good row still matches its image
-        assert_vectors_close(data.features[row], reference_vector(trunk, folder / path, (4, 2, 1)),
-                             rel=1e-4, err_msg=path)  # fmt: skip
+        assert_vectors_close(
+            data.features[row],
+            reference_vector(trunk, folder / path, (4, 2, 1)),
+            rel=1e-4,
+            err_msg=path,
+        )
 
 
 def test_non_utf8_file_names_are_stored_losslessly(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     raw = b"caf\xe9.png"  # latin-1, not valid UTF-8
-    Image.fromarray(photo(20, 30)).save(os.path.join(os.fsencode(folder), raw).decode("utf-8", "surrogateescape"))
+    Image.fromarray(photo(20, 30)).save(
+        os.path.join(os.fsencode(folder), raw).decode("utf-8", "surrogateescape")
+    )
     Image.fromarray(photo(20, 30, 1)).save(folder / "plain.png")
     out = tmp_path / "out.h5"
     extract([folder], out, config=CONFIG.replace(workers=0))
@@ -102,8 +110,10 @@ def test_an_unexpected_decoder_exception_is_a_record(tmp_path, folder, monkeypat
 
 
 def _items(paths, min_side):
-    return [decoding.decode_item(images.ImageRef(p.name, str(p)), i, min_side, CONFIG)
-            for i, p in enumerate(paths)]  # fmt: skip
+    return [
+        decoding.decode_item(images.ImageRef(p.name, str(p)), i, min_side, CONFIG)
+        for i, p in enumerate(paths)
+    ]
 
 
 def _solo(trunk, path):
@@ -111,8 +121,10 @@ def _solo(trunk, path):
     decoded = images.decode(str(path), max_pixels=10**9)
     with torch.inference_mode():
         x = decoded.pixels.float().div(255)[None]
-        fmap = trunk.module((x - torch.tensor(trunk.resolved.mean).view(3, 1, 1))
-                            / torch.tensor(trunk.resolved.std).view(3, 1, 1))  # fmt: skip
+        fmap = trunk.module(
+            (x - torch.tensor(trunk.resolved.mean).view(3, 1, 1))
+            / torch.tensor(trunk.resolved.std).view(3, 1, 1)
+        )
     return reference_vector(trunk, path, CONFIG.levels), tuple(fmap.shape[-2:])
 
 
@@ -135,12 +147,17 @@ def test_an_image_whose_decoded_size_differs_from_its_batch_gets_its_own_vector(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("error", [
-    RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "
-                 "you tried to allocate 123456789 bytes. Error code 12 (Cannot allocate memory)"),
-    RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9999 bytes."),
-    MemoryError(),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 123456789 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+        RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9999 bytes."),
+        MemoryError(),
+    ],
+)
 def test_cpu_out_of_memory_splits_the_batch_tiles_the_image_then_records_it(tmp_path, error):
     paths = []
     for name in ["a.png", "big.png", "c.png", "d.png"]:
@@ -161,7 +178,9 @@ def test_cpu_out_of_memory_splits_the_batch_tiles_the_image_then_records_it(tmp_
     results = extractor(batch.pixels, batch.metas)
     for i in (0, 1, 2, 3):  # the image that did not fit whole ran in tiles: the same vector
         want = reference_vector(trunk, paths[i], CONFIG.levels)
-        np.testing.assert_allclose(results[i].numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        np.testing.assert_allclose(
+            results[i].numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max()
+        )
     assert big.tiles > 0
 
     def tiled(*_args):
@@ -172,7 +191,9 @@ def test_cpu_out_of_memory_splits_the_batch_tiles_the_image_then_records_it(tmp_
     assert isinstance(results[1], ImageError) and results[1].kind == "out_of_memory"
     for i in (0, 2, 3):
         want = reference_vector(trunk, paths[i], CONFIG.levels)
-        np.testing.assert_allclose(results[i].numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        np.testing.assert_allclose(
+            results[i].numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max()
+        )
 
 
 def test_other_runtime_errors_are_not_taken_for_out_of_memory(tmp_path):
@@ -225,5 +246,9 @@ def test_a_crashing_decoder_sharing_its_batch_with_same_size_images(tmp_path, mo
     data = read_features(out)
     assert data.paths == ["a.png", "b.png", "d.png", "e.png"]
     for row, path in enumerate(data.paths):
-        assert_vectors_close(data.features[row], reference_vector(trunk, folder / path, (4, 2, 1)),
-                             rel=1e-4, err_msg=path)  # fmt: skip
+        assert_vectors_close(
+            data.features[row],
+            reference_vector(trunk, folder / path, (4, 2, 1)),
+            rel=1e-4,
+            err_msg=path,
+        )

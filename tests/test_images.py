@@ -19,7 +19,17 @@ def _decode(path, **kw):
 
 
 def test_walk_sorts_filters_extensions_any_case_and_ignores_other_files(tmp_path):
-    for name in ["b.JPG", "a.png", "z/c.TiFf", "z/d.webp", "notes.txt", "e.jpeg", "f.bmp", "g.gif", "h.tif"]:
+    for name in [
+        "b.JPG",
+        "a.png",
+        "z/c.TiFf",
+        "z/d.webp",
+        "notes.txt",
+        "e.jpeg",
+        "f.bmp",
+        "g.gif",
+        "h.tif",
+    ]:
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
@@ -32,7 +42,10 @@ def test_files_from_and_missing_input(tmp_path):
     (tmp_path / "b.png").write_bytes(b"x")
     listing = tmp_path / "list.txt"
     listing.write_text(f"{tmp_path / 'b.png'}\n\n{tmp_path / 'a.png'}\n")
-    assert [r.key for r in find_images([], files_from=listing).refs] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert [r.key for r in find_images([], files_from=listing).refs] == [
+        str(tmp_path / "a.png"),
+        str(tmp_path / "b.png"),
+    ]
     with pytest.raises(ConfigError, match="does not exist"):
         find_images([tmp_path / "nope"])
 
@@ -287,9 +300,10 @@ def test_folder_that_cannot_be_listed_is_a_failure_row(tmp_path, monkeypatch):
     refuse_listing(monkeypatch, "locked")
     refs = find_images([tmp_path]).refs
     assert [(r.key, r.problem) for r in refs] == [
-        ("a.png", None), ("locked", ("permission_denied", "cannot list this folder: Permission denied")),
+        ("a.png", None),
+        ("locked", ("permission_denied", "cannot list this folder: Permission denied")),
         ("z.png", None),
-    ]  # fmt: skip
+    ]
 
 
 def test_folder_with_a_path_over_the_os_limit_is_a_failure_row(tmp_path):
@@ -314,8 +328,10 @@ def test_files_from_errors_name_the_list_and_the_line(tmp_path, monkeypatch):
     (tmp_path / "list.txt").write_text("a.png\n\nx.jpg\n")
     with pytest.raises(ConfigError) as info:
         find_images([], files_from="list.txt")
-    assert str(info.value) == ("input 'x.jpg' on line 3 of list.txt does not exist "
-                               "(paths in the list are relative to the current folder)")  # fmt: skip
+    assert str(info.value) == (
+        "input 'x.jpg' on line 3 of list.txt does not exist "
+        "(paths in the list are relative to the current folder)"
+    )
 
 
 @pytest.mark.parametrize("orientation", [None, 6])
@@ -326,7 +342,9 @@ def test_png_header_is_read_without_decoding_pixels(tmp_path, monkeypatch, orien
     displayed = (30, 40) if orientation is None else (40, 30)
     loads = []
     real_load = ImageFile.ImageFile.load
-    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1) or real_load(self))
+    monkeypatch.setattr(
+        ImageFile.ImageFile, "load", lambda self: loads.append(1) or real_load(self)
+    )
     assert read_size(str(path)) == displayed
     assert loads == []
     assert tuple(_decode(path).pixels.shape[1:]) == displayed and loads  # the count works

@@ -25,12 +25,29 @@ from spp_extract.runtime import padded_batching
 LEVELS = (4, 2, 1)
 SIZES = [(37, 53), (61, 45), (64, 64)]  # odd sizes, all padded to 64 x 64 in one batch
 # A fast member of each family; a family not named here is tested with its first model.
-FAST = {"resnet": "resnet18", "resnext": "resnext50_32x4d", "wide_resnet": "wide_resnet50_2", "vgg": "vgg11_bn",
-        "densenet": "densenet121", "regnet_x": "regnet_x_400mf", "convnext": "convnext_tiny",
-        "squeezenet": "squeezenet1_1", "shufflenet_v2": "shufflenet_v2_x0_5",
-        "mnasnet": "mnasnet0_5", "mobilenet_v3": "mobilenet_v3_small", "regnet_y": "regnet_y_400mf"}  # fmt: skip
+FAST = {
+    "resnet": "resnet18",
+    "resnext": "resnext50_32x4d",
+    "wide_resnet": "wide_resnet50_2",
+    "vgg": "vgg11_bn",
+    "densenet": "densenet121",
+    "regnet_x": "regnet_x_400mf",
+    "convnext": "convnext_tiny",
+    "squeezenet": "squeezenet1_1",
+    "shufflenet_v2": "shufflenet_v2_x0_5",
+    "mnasnet": "mnasnet0_5",
+    "mobilenet_v3": "mobilenet_v3_small",
+    "regnet_y": "regnet_y_400mf",
+}
 # over ~2 s on two shared cores
-SLOW = {"resnext50_32x4d", "wide_resnet50_2", "densenet121", "convnext_tiny", "regnet_x_400mf", "googlenet"}
+SLOW = {
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "densenet121",
+    "convnext_tiny",
+    "regnet_x_400mf",
+    "googlenet",
+}
 
 
 def _member(prefix: str) -> str:
@@ -39,16 +56,21 @@ def _member(prefix: str) -> str:
 
 def _by_maskable(wanted: bool) -> list:  # noqa: ANN401
     names = [_member(f.prefix) for f in FAMILIES]
-    return [pytest.param(n, id=n, marks=[pytest.mark.slow] if n in SLOW else [])
-            for n in names if describe(n)[2] is wanted]  # fmt: skip
+    return [
+        pytest.param(n, id=n, marks=[pytest.mark.slow] if n in SLOW else [])
+        for n in names
+        if describe(n)[2] is wanted
+    ]
 
 
 def _inputs(sizes, min_side, seed=0):  # noqa: ANN001, ANN202
     """uint8 pictures, their padded batch ``Tensor[N, 3, H, W]`` and the rows' metadata."""
     g = torch.Generator().manual_seed(seed)
     pictures = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
-    metas = [RowMeta(image_size=(h, w), input_size=(max(h, min_side), max(w, min_side)))
-             for h, w in sizes]  # fmt: skip
+    metas = [
+        RowMeta(image_size=(h, w), input_size=(max(h, min_side), max(w, min_side)))
+        for h, w in sizes
+    ]
     height = max(m.input_size[0] for m in metas)
     width = max(m.input_size[1] for m in metas)
     batch = torch.zeros(len(sizes), 3, height, width, dtype=torch.uint8)
@@ -86,14 +108,18 @@ def test_masked_padded_batch_equals_each_image_alone(backbone):
     vectors = extractor(batch, metas)
     for picture, vector in zip(pictures, vectors, strict=True):
         expected = _alone(trunk, picture)
-        torch.testing.assert_close(vector, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+        torch.testing.assert_close(
+            vector, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())
+        )
 
 
 @pytest.mark.parametrize("backbone", _by_maskable(False))
 def test_families_not_maskable_refuse_masked_padding(backbone):
     trunk = _trunk(backbone)
     assert not maskable(trunk.module)
-    assert not padded_batching(Config(backbone=backbone, batching="padded"), torch.device("cpu"), trunk)
+    assert not padded_batching(
+        Config(backbone=backbone, batching="padded"), torch.device("cpu"), trunk
+    )
     with pytest.raises(ValueError, match="not be exact"):
         MaskedTrunk(trunk.module)
 
@@ -119,7 +145,9 @@ NOT_EXACT = {
 @pytest.mark.parametrize("layer", NOT_EXACT.values(), ids=NOT_EXACT.keys())
 def test_trunk_with_an_op_not_exact_under_masks_batches_same_size_only(layer):
     torch.manual_seed(0)
-    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), layer(), nn.Conv2d(4, 4, 3, padding=1))
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), layer(), nn.Conv2d(4, 4, 3, padding=1)
+    )
     module.eval().requires_grad_(False)
     trunk = Trunk(module, resolve(Config(backbone="resnet18", weights="none")), 4, 1)
     assert not maskable(trunk.module)
@@ -132,4 +160,6 @@ def test_trunk_with_an_op_not_exact_under_masks_batches_same_size_only(layer):
     pictures, batch, metas = _inputs([(23, 31), (30, 17), (16, 16)], 1, seed=1)
     for picture, vector in zip(pictures, extractor(batch, metas), strict=True):
         expected = _alone(trunk, picture)
-        torch.testing.assert_close(vector, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+        torch.testing.assert_close(
+            vector, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())
+        )

@@ -12,8 +12,11 @@ from spp_extract.pooling import spp_dim
 @pytest.mark.slow
 def test_embed_equals_the_files_rows(tmp_path, example_dir):
     out = tmp_path / "f.h5"
-    extract([example_dir], out, config=Config(backbone="resnet18", weights="none", workers=0,
-                                              levels=(3, 1), seed=3))  # fmt: skip
+    extract(
+        [example_dir],
+        out,
+        config=Config(backbone="resnet18", weights="none", workers=0, levels=(3, 1), seed=3),
+    )
     data = read_features(out)
     model = create_model("resnet18", weights="none", levels=(3, 1), seed=3)
     pictures = [Image.open(example_dir / p) for p in data.paths]
@@ -33,7 +36,12 @@ def test_embed_equals_the_files_rows(tmp_path, example_dir):
 def test_the_module_and_its_facts():
     model = create_model("vgg11", weights="none", levels=(2, 1), pooling="avg")
     assert isinstance(model, SppModel) and isinstance(model, torch.nn.Module)
-    assert (model.channels, model.dim, model.min_side, model.layer) == (512, spp_dim(512, (2, 1)), 32, "features")
+    assert (model.channels, model.dim, model.min_side, model.layer) == (
+        512,
+        spp_dim(512, (2, 1)),
+        32,
+        "features",
+    )
     assert model.mean == pytest.approx((0.485, 0.456, 0.406))
     with torch.inference_mode():
         y = model(torch.randn(2, 3, 40, 70))

@@ -116,7 +116,11 @@ def test_existing_output_message_names_the_options_in_the_callers_terms(tmp_path
     with pytest.raises(ConfigError, match=r"resume=True .* overwrite=True"):
         extract([folder], out, config=CONFIG)
     result = _cli("none", folder, "-o", out)
-    assert result.returncode == 2 and "--resume" in result.stderr and "resume=True" not in result.stderr
+    assert (
+        result.returncode == 2
+        and "--resume" in result.stderr
+        and "resume=True" not in result.stderr
+    )
 
 
 @pytest.mark.slow
@@ -196,7 +200,9 @@ def test_resume_with_another_folder_of_the_same_names_recomputes(tmp_path):
     assert result.processed == 4
     alone = tmp_path / "alone.h5"
     extract([other], alone, config=CONFIG)
-    np.testing.assert_allclose(read_features(out).features, read_features(alone).features, rtol=1e-5)
+    np.testing.assert_allclose(
+        read_features(out).features, read_features(alone).features, rtol=1e-5
+    )
 
 
 @pytest.mark.slow
@@ -261,5 +267,7 @@ def test_rows_of_a_folder_that_cannot_be_listed_this_time_are_kept(tmp_path, fol
     result = extract([folder], out, config=CONFIG, resume=True)
     data = read_features(out)
     assert "sub/inner.png" in data.paths
-    np.testing.assert_allclose(data.features[data.paths.index("sub/inner.png")], before["sub/inner.png"])
+    np.testing.assert_allclose(
+        data.features[data.paths.index("sub/inner.png")], before["sub/inner.png"]
+    )
     assert "sub" in data.failed_paths and result.failed == 1

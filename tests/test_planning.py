@@ -19,7 +19,9 @@ def _sizes(n, seed=0):
 @pytest.mark.parametrize("padded", [False, True])
 def test_every_image_once_in_contiguous_windows_within_limits(padded):
     sizes = _sizes(300)
-    planner = Planner(sizes, padded=padded, batch_size=8, batch_pixels=8 * 256 * 256, commit_seconds=1.0)
+    planner = Planner(
+        sizes, padded=padded, batch_size=8, batch_pixels=8 * 256 * 256, commit_seconds=1.0
+    )
     seen = []
     for batch in planner:
         planner.received()
@@ -49,13 +51,16 @@ def test_windows_follow_pixels_not_image_counts():
     """Many tiny images, then large ones: a window of large images is as short in time as one
     of tiny images (counting images would put all the large ones in one late commit)."""
     sizes = [(16, 16)] * 120 + [(1000, 1000)] * 16
-    planner = Planner(sizes, padded=False, batch_size=4, batch_pixels=4 * 1000 * 1000,
-                      commit_seconds=2.0)  # fmt: skip
+    planner = Planner(
+        sizes, padded=False, batch_size=4, batch_pixels=4 * 1000 * 1000, commit_seconds=2.0
+    )
     for _ in planner:
         planner.received()
         planner.rate = 1e6  # pixels/s: 2 MP per commit
     # at most 2 MP (two large images) in every window after the first
-    assert all(sum(s[0] * s[1] for s in sizes[w.start : w.stop]) <= 2e6 for w in planner.windows[1:])
+    assert all(
+        sum(s[0] * s[1] for s in sizes[w.start : w.stop]) <= 2e6 for w in planner.windows[1:]
+    )
     assert sum(w.stop - w.start for w in planner.windows) == 136
 
 

@@ -11,9 +11,13 @@ levels_strategy = st.lists(st.integers(1, 7), min_size=1, max_size=4, unique=Tru
 
 @settings(max_examples=150, deadline=None)
 @given(
-    h=st.integers(1, 64), w=st.integers(1, 64), channels=st.integers(1, 5),
-    levels=levels_strategy, mode=st.sampled_from(["max", "avg"]), seed=st.integers(0, 2**16),
-)  # fmt: skip
+    h=st.integers(1, 64),
+    w=st.integers(1, 64),
+    channels=st.integers(1, 5),
+    levels=levels_strategy,
+    mode=st.sampled_from(["max", "avg"]),
+    seed=st.integers(0, 2**16),
+)
 def test_matches_plain_loop_for_every_size(h, w, channels, levels, mode, seed):
     torch.manual_seed(seed)
     x = torch.randn(2, channels, h, w, dtype=torch.float64)
@@ -25,7 +29,10 @@ def test_matches_plain_loop_for_every_size(h, w, channels, levels, mode, seed):
 
 def test_length_is_the_same_for_every_size_including_1x1():
     pool = SpatialPyramidPooling((6, 3, 2, 1))
-    dims = {pool(torch.randn(1, 8, h, w)).shape[1] for h, w in [(1, 1), (1, 40), (3, 2), (11, 4), (64, 64)]}
+    dims = {
+        pool(torch.randn(1, 8, h, w)).shape[1]
+        for h, w in [(1, 1), (1, 40), (3, 2), (11, 4), (64, 64)]
+    }
     assert dims == {8 * (36 + 9 + 4 + 1)}
 
 

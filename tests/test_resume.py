@@ -43,15 +43,35 @@ def reference(tmp_path_factory: pytest.TempPathFactory, inputs: Path) -> dict:
 
 def _cli(fault: str, inputs: Path, out: Path, *extra: str, wait: bool = True):
     # not waited for: its own process group, like a job in a terminal
-    return run_python(CRASH_RUNNER, fault, "--", "extract", inputs, "-o", out, *ARGS, "--config",
-                      fast_commits(out.parent), *extra, wait=wait, new_session=not wait)  # fmt: skip
+    return run_python(
+        CRASH_RUNNER,
+        fault,
+        "--",
+        "extract",
+        inputs,
+        "-o",
+        out,
+        *ARGS,
+        "--config",
+        fast_commits(out.parent),
+        *extra,
+        wait=wait,
+        new_session=not wait,
+    )
 
 
 @pytest.mark.parametrize(
     "fault",
-    ["kill-in-commit:1", "kill-in-put:1", "kill-after-commit:1", "kill-in-commit:4",
-     "kill-after-commit:6", "kill-in-put:7", "kill-in-assemble"],
-)  # fmt: skip
+    [
+        "kill-in-commit:1",
+        "kill-in-put:1",
+        "kill-after-commit:1",
+        "kill-in-commit:4",
+        "kill-after-commit:6",
+        "kill-in-put:7",
+        "kill-in-assemble",
+    ],
+)
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, inputs, reference, fault):
     out = tmp_path / "out.h5"
     killed = _cli(fault, inputs, out)
@@ -74,10 +94,15 @@ def test_repeated_kills_then_resume(tmp_path, inputs, reference):
 
 @pytest.mark.parametrize(
     "signum, code, workers, group",
-    [(signal.SIGINT, 130, "0", False), (signal.SIGTERM, 143, "0", False),
-     (signal.SIGINT, 130, "2", True)],  # Ctrl-C in a terminal: the decode workers get it too
-)  # fmt: skip
-def test_signal_stops_keeps_work_and_resumes(tmp_path, inputs, reference, signum, code, workers, group):
+    [
+        (signal.SIGINT, 130, "0", False),
+        (signal.SIGTERM, 143, "0", False),
+        (signal.SIGINT, 130, "2", True),
+    ],  # Ctrl-C in a terminal: the decode workers get it too
+)
+def test_signal_stops_keeps_work_and_resumes(
+    tmp_path, inputs, reference, signum, code, workers, group
+):
     out = tmp_path / "out.h5"
     process = _cli("slow:0.15", inputs, out, "--workers", workers, wait=False)
     root = shards_root(out)
@@ -112,9 +137,12 @@ def test_disk_full_stops_cleanly_and_resumes(tmp_path, inputs, reference):
 def test_real_full_tmpfs(tmp_path, inputs):
     mount = tmp_path / "small"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True
-    ).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("needs root and tmpfs mounts")
     try:
         result = _cli("none", inputs, mount / "out.h5")
@@ -150,7 +178,12 @@ def test_resume_with_other_settings_lists_differences(tmp_path, inputs):
     message = str(info.value)
     assert "levels: [4, 2, 1] -> [2, 1]" in message and "pooling: 'max' -> 'avg'" in message
     # settings that do not change the vectors may differ
-    extract([inputs], out, config=Config(backbone="resnet18", weights="none", workers=0, batch_size=1), resume=True)
+    extract(
+        [inputs],
+        out,
+        config=Config(backbone="resnet18", weights="none", workers=0, batch_size=1),
+        resume=True,
+    )
 
 
 def test_incremental_new_and_changed_files(tmp_path, inputs):
@@ -181,7 +214,9 @@ def test_retry_failed(tmp_path, inputs):
     assert first.failed > 1
     same = extract([inputs], out, config=config.replace(max_pixels=10**8), resume=True)
     assert same.processed == 0 and same.failed == first.failed
-    retried = extract([inputs], out, config=config.replace(max_pixels=10**8), resume=True, retry_failed=True)
+    retried = extract(
+        [inputs], out, config=config.replace(max_pixels=10**8), resume=True, retry_failed=True
+    )
     assert retried.processed == first.failed and retried.failed == 1  # broken.jpg stays broken
 
 
@@ -192,8 +227,12 @@ def test_second_writer_is_refused(tmp_path, inputs):
     try:
         for resume in (False, True):
             with pytest.raises(OutputError, match="another spp-extract run"):
-                extract([inputs], out, config=Config(backbone="resnet18", weights="none", workers=0),
-                        resume=resume)  # fmt: skip
+                extract(
+                    [inputs],
+                    out,
+                    config=Config(backbone="resnet18", weights="none", workers=0),
+                    resume=resume,
+                )
     finally:
         lock.release()
 
@@ -201,7 +240,9 @@ def test_second_writer_is_refused(tmp_path, inputs):
 def test_overwrite_keeps_old_file_usable_until_the_new_run_finishes(tmp_path, inputs, reference):
     out = tmp_path / "out.h5"
     assert _cli("none", inputs, out).returncode == 0
-    assert _cli("kill-after-commit:3", inputs, out, "--overwrite", "--levels", "2,1").returncode == -9
+    assert (
+        _cli("kill-after-commit:3", inputs, out, "--overwrite", "--levels", "2,1").returncode == -9
+    )
     assert_same(keyed(out), reference, FAILED)  # still the old, complete result
     assert len(list(shards_root(out).glob("run-*"))) == 2
     assert _cli("none", inputs, out, "--overwrite", "--levels", "2,1").returncode == 0
@@ -211,7 +252,11 @@ def test_overwrite_keeps_old_file_usable_until_the_new_run_finishes(tmp_path, in
 
 def test_missing_shard_is_an_error_never_fill_values(tmp_path, inputs):
     out = tmp_path / "out.h5"
-    extract([inputs], out, config=Config(backbone="resnet18", weights="none", workers=0, commit_seconds=0.01))
+    extract(
+        [inputs],
+        out,
+        config=Config(backbone="resnet18", weights="none", workers=0, commit_seconds=0.01),
+    )
     victim = sorted(shards_root(out).rglob("a*.h5"))[1]
     victim.unlink()
     with pytest.raises(OutputError, match="missing"):

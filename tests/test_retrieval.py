@@ -61,7 +61,11 @@ def synthetic(path: Path, features: np.ndarray, template: Path) -> Path:
         out.create_dataset("path_bytes", data=raw, dtype=h5py.vlen_dtype(np.dtype("uint8")))
         for name, (dtype, width) in ROW_FIELDS.items():
             shape = (n, width) if width else (n,)
-            data = np.full(shape, "RGB", object) if name == "mode" else np.arange(np.prod(shape)).reshape(shape)
+            data = (
+                np.full(shape, "RGB", object)
+                if name == "mode"
+                else np.arange(np.prod(shape)).reshape(shape)
+            )
             out.create_dataset(name, data=data, dtype=dtype)
         src.copy(src["failed"], out, name="failed")
         out.attrs.update(src.attrs)
@@ -101,7 +105,9 @@ def test_pca_matches_numpy_svd(method, shape):
     np.testing.assert_allclose(variance.numpy(), ref_variance, rtol=1e-4)
     c = components.double().numpy()
     np.testing.assert_allclose(c @ c.T, np.eye(dim), rtol=0, atol=1e-5)  # orthonormal rows
-    np.testing.assert_allclose(c.T @ c, ref_components.T @ ref_components, rtol=0, atol=1e-4)  # same subspace
+    np.testing.assert_allclose(
+        c.T @ c, ref_components.T @ ref_components, rtol=0, atol=1e-4
+    )  # same subspace
 
 
 @pytest.mark.slow
@@ -149,7 +155,10 @@ def test_reduced_file_keeps_rows_attributes_and_projection(tmp_path, real_h5):
         assert group["components"].shape == (4, src["features"].shape[1])
         assert {"mean", "explained_variance", "scale"} <= set(group)
         assert group.attrs["whiten"] and group.attrs["l2"] and group.attrs["power"] == 0.5
-        assert group.attrs["source_file"] == real_h5.name and len(group.attrs["source_config_sha256"]) == 64
+        assert (
+            group.attrs["source_file"] == real_h5.name
+            and len(group.attrs["source_config_sha256"]) == 64
+        )
     norms = np.linalg.norm(read_features(dest).features, axis=1)
     np.testing.assert_allclose(norms, 1, atol=1e-5)  # L2 after whitening by default
 
@@ -160,7 +169,9 @@ def test_projection_load_reproduces_reduce(tmp_path, real_h5):
     projection = Projection.load(dest)
     full = read_features(real_h5).features
     np.testing.assert_allclose(projection(full), read_features(dest).features, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(projection(torch.from_numpy(full[3])), read_features(dest).features[3], atol=1e-5)
+    np.testing.assert_allclose(
+        projection(torch.from_numpy(full[3])), read_features(dest).features[3], atol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------- neighbours
@@ -183,11 +194,15 @@ def assert_brute_force(found: Neighbors, x: np.ndarray, k: int) -> None:
     for i in range(len(x)):
         order = sorted((j for j in range(len(x)) if j != i), key=lambda j: (-sim[i, j], j))
         want = sim[i, order[: k + 1]]
-        np.testing.assert_allclose(found.similarity[i], want[:k], rtol=0, atol=1e-5, err_msg=f"row {i}")
+        np.testing.assert_allclose(
+            found.similarity[i], want[:k], rtol=0, atol=1e-5, err_msg=f"row {i}"
+        )
         np.testing.assert_allclose(sim[i, found.index[i]], found.similarity[i], rtol=0, atol=1e-5)
         apart = np.abs(np.diff(want)) > 1e-5  # position p is decided if p is apart from p-1 and p+1
         decided = np.concatenate([[True], apart])[:k] & apart[:k]
-        np.testing.assert_array_equal(found.index[i][decided], np.array(order[:k])[decided], err_msg=f"row {i}")
+        np.testing.assert_array_equal(
+            found.index[i][decided], np.array(order[:k])[decided], err_msg=f"row {i}"
+        )
         assert i not in found.index[i] and len(set(found.index[i])) == k
 
 
@@ -228,8 +243,10 @@ def test_neighbors_out_of_memory_budget_streams_the_same(tmp_path, real_h5):
 
 
 def test_pairs_each_once_above_threshold():
-    found = Neighbors(np.array([[1, 2], [0, 2], [0, 1], [2, 0]]),
-                      np.array([[0.99, 0.5], [0.98, 0.96], [0.5, 0.96], [0.97, 0.1]], np.float32))  # fmt: skip
+    found = Neighbors(
+        np.array([[1, 2], [0, 2], [0, 1], [2, 0]]),
+        np.array([[0.99, 0.5], [0.98, 0.96], [0.5, 0.96], [0.97, 0.1]], np.float32),
+    )
     lo, hi, sims = pairs_above(found, 0.95)
     assert list(zip(lo.tolist(), hi.tolist(), strict=True)) == [(0, 1), (1, 2), (2, 3)]
     np.testing.assert_allclose(sims, [0.99, 0.96, 0.97])  # (0,1) as row 0 sees it
@@ -247,7 +264,10 @@ def test_neighbors_command_writes_index_similarity_paths_and_pairs(tmp_path, rea
     rows = list(csv.reader(io.StringIO(pairs.read_text())))
     assert rows[0] == ["path_a", "path_b", "similarity"]
     got = {(a, b) for a, b, _ in rows[1:]}
-    expected = {(f"img{i:05d}.jpg", f"img{j:05d}.jpg") for i, j in [(7, 120), (10, 50), (10, 200), (50, 200)]}
+    expected = {
+        (f"img{i:05d}.jpg", f"img{j:05d}.jpg")
+        for i, j in [(7, 120), (10, 50), (10, 200), (50, 200)]
+    }
     assert got == expected
     assert all(abs(float(s) - 1) < 1e-5 for *_, s in rows[1:])
 
@@ -287,7 +307,10 @@ def test_refuses_foreign_and_missing_shards(tmp_path, real_h5):
     lonely = tmp_path / "lonely" / "features.h5"
     lonely.parent.mkdir()
     lonely.write_bytes(real_h5.read_bytes())
-    for args in (["reduce", lonely, tmp_path / "out.h5", "--dim", 2], ["neighbors", lonely, "-o", tmp_path / "nn.h5"]):
+    for args in (
+        ["reduce", lonely, tmp_path / "out.h5", "--dim", 2],
+        ["neighbors", lonely, "-o", tmp_path / "nn.h5"],
+    ):
         result = _run(*args)
         assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
         assert "missing" in result.stderr
@@ -295,7 +318,9 @@ def test_refuses_foreign_and_missing_shards(tmp_path, real_h5):
 
 
 def test_neighbors_refuses_k_too_large(tmp_path, real_h5):
-    _one_line_exit_2(_run("neighbors", real_h5, "-k", 12, "-o", tmp_path / "nn.h5"), "choose k from 1 to 11")
+    _one_line_exit_2(
+        _run("neighbors", real_h5, "-k", 12, "-o", tmp_path / "nn.h5"), "choose k from 1 to 11"
+    )
     assert not list(tmp_path.iterdir())
 
 
@@ -306,7 +331,9 @@ def test_check_projection_names_differing_keys(tmp_path, real_h5):
     check_projection(projection, FAST)  # the same configuration: accepted
     check_projection(projection, read_features(real_h5).attrs)
     with pytest.raises(ConfigError) as caught:
-        check_projection(projection, Config(backbone="resnet18", weights="none", seed=1, levels=(2, 1)))
+        check_projection(
+            projection, Config(backbone="resnet18", weights="none", seed=1, levels=(2, 1))
+        )
     message = str(caught.value)
     assert "levels: [4, 2, 1] (projection) vs [2, 1]" in message and "seed: 0" in message
     assert "feature_dim" in message and "backbone" not in message
@@ -316,8 +343,23 @@ def test_extract_project_refuses_mismatch_before_extracting(tmp_path, real_h5, e
     dest = tmp_path / "small.h5"
     reduce(real_h5, dest, dim=3)
     out = tmp_path / "q.h5"
-    result = _run("extract", example_dir, "-o", out, "--backbone", "resnet18", "--weights", "none",
-                  "--layer", "layer3", "--workers", 0, "-q", "--project", dest)  # fmt: skip
+    result = _run(
+        "extract",
+        example_dir,
+        "-o",
+        out,
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "none",
+        "--layer",
+        "layer3",
+        "--workers",
+        0,
+        "-q",
+        "--project",
+        dest,
+    )
     _one_line_exit_2(result, "layer: 'layer4' (projection) vs 'layer3'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.h5"]
 
@@ -327,8 +369,21 @@ def test_extract_project_gives_the_rows_of_reduce(tmp_path, real_h5, example_dir
     dest = tmp_path / "small.h5"
     reduce(real_h5, dest, dim=6, whiten=True)
     out = tmp_path / "q.h5"
-    result = _run("extract", example_dir, "-o", out, "--backbone", "resnet18", "--weights", "none",
-                  "--workers", 0, "-q", "--project", dest)  # fmt: skip
+    result = _run(
+        "extract",
+        example_dir,
+        "-o",
+        out,
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "none",
+        "--workers",
+        0,
+        "-q",
+        "--project",
+        dest,
+    )
     assert result.exit_code == 0, result.output
     got, want = read_features(out), read_features(dest)
     assert got.paths == want.paths
@@ -341,8 +396,14 @@ def test_extract_project_gives_the_rows_of_reduce(tmp_path, real_h5, example_dir
 
 @pytest.mark.parametrize(
     "rows",
-    [slice(2, 9), slice(None, None, 3), slice(-4, None), [7, 1, 1, 3, -1], np.array([], np.int64),
-     np.arange(12) % 3 == 0],  # fmt: skip
+    [
+        slice(2, 9),
+        slice(None, None, 3),
+        slice(-4, None),
+        [7, 1, 1, 3, -1],
+        np.array([], np.int64),
+        np.arange(12) % 3 == 0,
+    ],
 )
 def test_read_features_rows_equal_slices_of_the_full_read(real_h5, rows):
     full = read_features(real_h5)
@@ -384,8 +445,16 @@ def test_iter_features_blocks_cover_the_file(real_h5, block_rows):
 def altered_copies(folder: Path) -> dict[str, str]:
     """Next to each photographic example, four altered copies; returns copy -> original."""
     made = {}
-    for name in ("landscape.jpg", "portrait.png", "rotated_exif.jpg", "cmyk.jpg",
-                 "sub/nested.bmp", "sub/UPPER.TIFF", "transparent.png", "gray.png"):  # fmt: skip
+    for name in (
+        "landscape.jpg",
+        "portrait.png",
+        "rotated_exif.jpg",
+        "cmyk.jpg",
+        "sub/nested.bmp",
+        "sub/UPPER.TIFF",
+        "transparent.png",
+        "gray.png",
+    ):
         with Image.open(folder / name) as img:
             rgb = ImageOps.exif_transpose(img).convert("RGB")
         stem = Path(name).with_suffix("")
@@ -393,8 +462,14 @@ def altered_copies(folder: Path) -> dict[str, str]:
         variants = {
             "q30.jpg": (rgb, {"quality": 30}),
             "bright.png": (ImageEnhance.Brightness(rgb).enhance(1.2), {}),
-            "crop90.png": (rgb.crop((round(w * 0.05), round(h * 0.05), round(w * 0.95), round(h * 0.95))), {}),
-            "small80.png": (rgb.resize((round(w * 0.8), round(h * 0.8)), Image.Resampling.BICUBIC), {}),
+            "crop90.png": (
+                rgb.crop((round(w * 0.05), round(h * 0.05), round(w * 0.95), round(h * 0.95))),
+                {},
+            ),
+            "small80.png": (
+                rgb.resize((round(w * 0.8), round(h * 0.8)), Image.Resampling.BICUBIC),
+                {},
+            ),
         }
         for suffix, (image, options) in variants.items():
             copy = f"{stem}.alt-{suffix}"
@@ -414,8 +489,9 @@ def test_end_to_end_altered_copies_find_their_original(tmp_path):
     make_examples(folder)
     copies = altered_copies(folder)
     out, small = tmp_path / "f.h5", tmp_path / "small.h5"
-    spp_extract.extract([folder], out, config=Config(backbone="resnet18", weights="none", workers=0,
-                                                     layer="layer3"))  # fmt: skip
+    spp_extract.extract(
+        [folder], out, config=Config(backbone="resnet18", weights="none", workers=0, layer="layer3")
+    )
     reduce(out, small, dim=16, power=0.5)
     for path in (out, small):
         found = neighbors(path, 1)

@@ -35,18 +35,21 @@ def _trunk(backbone: str):  # noqa: ANN202
 # each backbone is 2 x 2, the second many tiles (core of one or two output cells).
 SLOW = pytest.mark.slow
 CASES = [
-    ("resnet18", (150, 190), (2, 2)), pytest.param("resnet18", (700, 180), (6, 3), marks=SLOW),
+    ("resnet18", (150, 190), (2, 2)),
+    pytest.param("resnet18", (700, 180), (6, 3), marks=SLOW),
     pytest.param("resnet50", (150, 190), (2, 2), marks=SLOW),
     pytest.param("resnet50", (230, 100), (4, 2), marks=SLOW),
-    pytest.param("vgg11", (150, 190), (2, 2), marks=SLOW), pytest.param("vgg11", (401, 299), (5, 4), marks=SLOW),
+    pytest.param("vgg11", (150, 190), (2, 2), marks=SLOW),
+    pytest.param("vgg11", (401, 299), (5, 4), marks=SLOW),
     pytest.param("densenet121", (150, 190), (2, 2), marks=SLOW),
     pytest.param("densenet121", (200, 130), (4, 3), marks=SLOW),
     pytest.param("convnext_tiny", (150, 190), (2, 2), marks=SLOW),
     pytest.param("convnext_tiny", (200, 130), (4, 3), marks=SLOW),
-    ("mobilenet_v2", (150, 190), (2, 2)), pytest.param("mobilenet_v2", (600, 97), (6, 2), marks=SLOW),
+    ("mobilenet_v2", (150, 190), (2, 2)),
+    pytest.param("mobilenet_v2", (600, 97), (6, 2), marks=SLOW),
     pytest.param("googlenet", (150, 190), (2, 2), marks=SLOW),
     pytest.param("googlenet", (420, 110), (5, 2), marks=SLOW),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("backbone", "size", "grid"), CASES, ids=str)
@@ -72,9 +75,14 @@ def test_tiled_equals_whole_image(backbone, size, grid):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["max", "avg"])
 @pytest.mark.parametrize("levels", [(4, 2, 1), (6, 3, 1)], ids=str)
-@pytest.mark.parametrize(("backbone", "size", "core"), [
-    ("vgg11", (333, 170), (3, 2)), pytest.param("resnet18", (300, 500), (3, 5), marks=SLOW),
-], ids=str)  # fmt: skip
+@pytest.mark.parametrize(
+    ("backbone", "size", "core"),
+    [
+        ("vgg11", (333, 170), (3, 2)),
+        pytest.param("resnet18", (300, 500), (3, 5), marks=SLOW),
+    ],
+    ids=str,
+)
 def test_streamed_spp_equals_spp_of_stitched_map(backbone, size, core, levels, mode):
     trunk = _trunk(backbone)
     field = receptive_field(trunk.module)
@@ -89,8 +97,12 @@ def test_streamed_spp_equals_spp_of_stitched_map(backbone, size, core, levels, m
 
 
 # backbone, input rows (more than the field), perturbed rows (different phases of the stride)
-FIELD_CASES = [("resnet18", 560, (270, 283, 301)), ("vgg11", 300, (140, 151, 166)),
-               ("mobilenet_v2", 620, (300, 317, 330)), ("googlenet", 480, (220, 239, 250))]  # fmt: skip
+FIELD_CASES = [
+    ("resnet18", 560, (270, 283, 301)),
+    ("vgg11", 300, (140, 151, 166)),
+    ("mobilenet_v2", 620, (300, 317, 330)),
+    ("googlenet", 480, (220, 239, 250)),
+]
 
 
 @pytest.mark.parametrize(("backbone", "rows", "pixels"), FIELD_CASES, ids=str)
@@ -101,7 +113,9 @@ def test_receptive_field_bounds_what_one_pixel_changes(backbone, rows, pixels):
     field = receptive_field(module).rows
     double = module.to(torch.float64)  # in place: put back to float32 below
     try:
-        x = torch.randn(1, 3, rows, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        x = torch.randn(
+            1, 3, rows, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+        )
         with torch.inference_mode():
             base = double(x)
             seen_lo, seen_hi = math.inf, -math.inf
@@ -149,8 +163,10 @@ def _rows(path):  # noqa: ANN001, ANN202
     import h5py
 
     with h5py.File(path, "r") as f:
-        return {p: (f["features"][i], int(f["tiles"][i]), tuple(f["feature_map_size"][i]))
-                for i, p in enumerate(f["paths"].asstr()[:])}  # fmt: skip
+        return {
+            p: (f["features"][i], int(f["tiles"][i]), tuple(f["feature_map_size"][i]))
+            for i, p in enumerate(f["paths"].asstr()[:])
+        }
 
 
 @pytest.mark.slow
@@ -170,11 +186,14 @@ def test_image_over_max_memory_is_tiled_and_equals_the_untiled_row(tmp_path):
     assert want["big.png"][1] == 0 and got["big.png"][1] > 1 and got["small.png"][1] == 0
     assert got["big.png"][2] == want["big.png"][2]  # the whole image's map size
     for name in want:
-        torch.testing.assert_close(torch.from_numpy(got[name][0]), torch.from_numpy(want[name][0]),
-                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            torch.from_numpy(got[name][0]), torch.from_numpy(want[name][0]), rtol=1e-4, atol=1e-5
+        )
     lines = summary(tmp_path / "tiled.h5")
     assert "tiled: 1 of 2 images (over max_memory)" in lines
-    assert any(line.startswith("row 0: big.png") and f"tiles {got['big.png'][1]}" in line for line in lines)
+    assert any(
+        line.startswith("row 0: big.png") and f"tiles {got['big.png'][1]}" in line for line in lines
+    )
 
 
 @pytest.mark.slow
@@ -186,7 +205,9 @@ def test_untileable_backbone_over_max_memory_is_too_large_and_the_rest_done(tmp_
     inputs = _images(tmp_path / "in", {"big": (300, 410), "small": (60, 70)})
     model = memory_model(_trunk("mobilenet_v3_small").module)
     budget = (model.peak(300, 410) + model.peak(60, 70)) // 2  # between the two images' needs
-    config = Config(backbone="mobilenet_v3_small", weights="none", workers=0, max_memory=f"{budget}B")
+    config = Config(
+        backbone="mobilenet_v3_small", weights="none", workers=0, max_memory=f"{budget}B"
+    )
     result = extract([inputs], tmp_path / "out.h5", config=config)
     assert (result.images, result.failed) == (1, 1)
     [(path, kind, message)] = result.failures
@@ -208,7 +229,9 @@ def _extractor(backbone, budget):  # noqa: ANN001, ANN202
 def _one(extractor, h, w, seed=0):  # noqa: ANN001, ANN202
     from spp_extract.records import RowMeta
 
-    pixels = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    pixels = torch.randint(
+        0, 256, (1, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
     meta = RowMeta(image_size=(h, w), input_size=(h, w))
     return extractor(pixels, [meta])[0], meta
 
@@ -230,7 +253,9 @@ def test_single_image_out_of_memory_falls_back_to_tiles(monkeypatch):
 
     def small_only(self, x):  # noqa: ANN001, ANN202
         if x.device.type != "meta" and x.shape[-2] * x.shape[-1] >= 200 * 230:
-            raise RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory")
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory"
+            )
         return forward(self, x)
 
     monkeypatch.setattr(type(extractor.module), "forward", small_only)
@@ -251,11 +276,17 @@ def test_single_image_out_of_memory_falls_back_to_tiles(monkeypatch):
 # ----------------------------------------------------------------------------- options
 
 
-@pytest.mark.parametrize(("flag", "value", "stored"), [
-    ("--max-memory", "2GB", 'max_memory = "2GB"'), ("--max-memory", "512MiB", 'max_memory = "512MiB"'),
-    ("--max-memory", "auto", 'max_memory = "auto"'), ("--max-memory", "1.5GB", 'max_memory = "1.5GB"'),
-    ("--max-pixels", "none", 'max_pixels = "none"'), ("--max-pixels", "1000", "max_pixels = 1000"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("flag", "value", "stored"),
+    [
+        ("--max-memory", "2GB", 'max_memory = "2GB"'),
+        ("--max-memory", "512MiB", 'max_memory = "512MiB"'),
+        ("--max-memory", "auto", 'max_memory = "auto"'),
+        ("--max-memory", "1.5GB", 'max_memory = "1.5GB"'),
+        ("--max-pixels", "none", 'max_pixels = "none"'),
+        ("--max-pixels", "1000", "max_pixels = 1000"),
+    ],
+)
 def test_memory_and_pixel_flags_parse(flag, value, stored):
     from typer.testing import CliRunner
 
@@ -266,11 +297,21 @@ def test_memory_and_pixel_flags_parse(flag, value, stored):
     assert stored in result.output.splitlines()
 
 
-@pytest.mark.parametrize(("flag", "value"), [
-    ("--max-memory", "lots"), ("--max-memory", "0.5MB"), ("--max-memory", "-1GB"),
-    ("--max-memory", "2 PB"), ("--max-memory", "1e9"), ("--max-memory", ""),
-    ("--max-pixels", "None"), ("--max-pixels", "0"), ("--max-pixels", "auto"), ("--max-pixels", "1.5"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--max-memory", "lots"),
+        ("--max-memory", "0.5MB"),
+        ("--max-memory", "-1GB"),
+        ("--max-memory", "2 PB"),
+        ("--max-memory", "1e9"),
+        ("--max-memory", ""),
+        ("--max-pixels", "None"),
+        ("--max-pixels", "0"),
+        ("--max-pixels", "auto"),
+        ("--max-pixels", "1.5"),
+    ],
+)
 def test_bad_memory_and_pixel_flags_exit_2_with_one_line(flag, value):
     from typer.testing import CliRunner
 
@@ -280,8 +321,9 @@ def test_bad_memory_and_pixel_flags_exit_2_with_one_line(flag, value):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     key = flag.removeprefix("--").replace("-", "_")  # range checks name the key, as for others
-    assert len(lines) == 1 and lines[0].startswith(("spp-extract: error: " + flag,
-                                                    "spp-extract: error: " + key)), result.output  # fmt: skip
+    assert len(lines) == 1 and lines[0].startswith(
+        ("spp-extract: error: " + flag, "spp-extract: error: " + key)
+    ), result.output
     assert "invalid" in lines[0]
 
 
@@ -344,8 +386,10 @@ print(estimate, status("VmHWM:") - base)
 
 @pytest.mark.slow
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="Linux only")
-@pytest.mark.parametrize(("backbone", "h", "w"), [("resnet50", 1500, 2000), ("vgg16", 1200, 1700),
-                                                  ("resnet18", 1400, 1400)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("backbone", "h", "w"),
+    [("resnet50", 1500, 2000), ("vgg16", 1200, 1700), ("resnet18", 1400, 1400)],
+)
 def test_memory_estimate_is_within_25_percent_of_measured_peak_rss(backbone, h, w):
     done = run_python("-c", _MEASURE, backbone, h, w, env={"OMP_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -368,8 +412,11 @@ def test_a_budget_too_small_to_tile_sensibly_is_refused_not_crawled(tmp_path):
     Image.fromarray(photo(24, 24, seed=4)).save(folder / "small.png")
     out = tmp_path / "out.h5"
     started = time.monotonic()
-    result = extract([folder], out, config=Config(backbone="resnet18", weights="none", workers=0,
-                                                  max_memory="48MB"))  # fmt: skip
+    result = extract(
+        [folder],
+        out,
+        config=Config(backbone="resnet18", weights="none", workers=0, max_memory="48MB"),
+    )
     assert time.monotonic() - started < 60
     data = read_features(out)
     assert data.paths == ["small.png"] and result.failed == 1
