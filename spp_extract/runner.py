@@ -25,7 +25,7 @@ from .errors import ImageError, Interrupted
 from .planning import BUCKET, Planner, partition
 from .records import RowMeta
 from .rundir import source_of
-from .runtime import Runtime, on_rank0
+from .runtime import Dist, Runtime, on_rank0
 from .shards import ShardWriter, read_state, shard_name
 
 Failure = tuple[str, str, str]  # (path, error class, message)
@@ -48,14 +48,9 @@ def run_share(
     (images computed, their failures). ``caught``: signals received (stop between batches)."""
     ctx = runtime.dist
     todo = on_rank0(ctx, lambda: left_to_do(refs, run_dir, retry_failed))
-    sizes = header_sizes([refs[i] for i in todo], runtime)
-    cuts = partition(sizes, ctx.world)
-    lo, hi = cuts[ctx.rank], cuts[ctx.rank + 1]
-    work = [refs[i] for i in todo[lo:hi]]
-    work_sizes = [
-        None if s is None else (max(s[0], trunk.min_side), max(s[1], trunk.min_side))
-        for s in sizes[lo:hi]
-    ]
+    work, work_sizes = my_part(
+        refs, todo, header_sizes([refs[i] for i in todo], runtime), ctx, trunk.min_side
+    )
     extractor = Extractor(
         trunk,
         config,
@@ -123,6 +118,23 @@ def left_to_do(refs: Sequence[images.ImageRef], run_dir: Path, retry_failed: boo
         for i, r in enumerate(refs)
         if not state.done(r.key_bytes, source_of(r), *file_stat(r), retry_failed)
     ]
+
+
+def my_part(
+    refs: Sequence[images.ImageRef],
+    todo: list[int],
+    sizes: list[tuple[int, int] | None],
+    ctx: Dist,
+    min_side: int,
+) -> tuple[list[images.ImageRef], list[tuple[int, int] | None]]:
+    """This rank's contiguous part of ``todo`` (pixel-balanced across ranks), with the sizes
+    the trunk will see (sides under ``min_side`` padded up)."""
+    cuts = partition(sizes, ctx.world)
+    lo, hi = cuts[ctx.rank], cuts[ctx.rank + 1]
+    grown = [
+        None if s is None else (max(s[0], min_side), max(s[1], min_side)) for s in sizes[lo:hi]
+    ]
+    return [refs[i] for i in todo[lo:hi]], grown
 
 
 def header_sizes(refs: Sequence[images.ImageRef], runtime: Runtime) -> list[tuple[int, int] | None]:
