@@ -29,7 +29,7 @@ from PIL import Image
 from torchvision.models import get_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from make_examples import _photo  # noqa: E402
+from make_examples import photo  # noqa: E402
 
 from spp_extract import Config, extract, images  # noqa: E402
 from spp_extract.backbones import build_trunk  # noqa: E402
@@ -51,7 +51,7 @@ def make_corpus(folder: Path, count: int, seed: int = 0) -> None:
             h, w = 500, 375
         else:
             h, w = (int(v) for v in rng.integers(200, 1201, 2))
-        Image.fromarray(_photo(h, w, seed=i)).save(folder / f"img_{i:05d}.jpg", quality=90)
+        Image.fromarray(photo(h, w, seed=i)).save(folder / f"img_{i:05d}.jpg", quality=90)
 
 
 def naive(paths: list[Path], config: Config, device: torch.device, out: Path) -> float:

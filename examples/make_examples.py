@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 
-def _photo(height: int, width: int, seed: int) -> np.ndarray:
+def photo(height: int, width: int, seed: int) -> np.ndarray:
     """A smooth, photo-like RGB image (gradients and blobs), uint8 (H, W, 3)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -44,29 +44,29 @@ def make_examples(folder: Path) -> list[Path]:
         img.save(path, **kwargs)
         made.append(path)
 
-    save("landscape.jpg", Image.fromarray(_photo(240, 320, 1)), quality=90)
-    save("portrait.png", Image.fromarray(_photo(300, 200, 2)))
+    save("landscape.jpg", Image.fromarray(photo(240, 320, 1)), quality=90)
+    save("portrait.png", Image.fromarray(photo(300, 200, 2)))
     # Stored 160x120 landscape, displayed as 120x160 portrait (EXIF orientation 6 = rotate 90 CW).
     exif = Image.Exif()
     exif[0x0112] = 6
-    save("rotated_exif.jpg", Image.fromarray(_photo(120, 160, 3)), exif=exif.tobytes(), quality=90)
-    save("gray.png", Image.fromarray(_photo(129, 257, 4)[..., 0]))
+    save("rotated_exif.jpg", Image.fromarray(photo(120, 160, 3)), exif=exif.tobytes(), quality=90)
+    save("gray.png", Image.fromarray(photo(129, 257, 4)[..., 0]))
     rgba = np.dstack(
-        [_photo(100, 150, 5), np.tile(np.linspace(0, 255, 150, dtype=np.uint8), (100, 1))]
+        [photo(100, 150, 5), np.tile(np.linspace(0, 255, 150, dtype=np.uint8), (100, 1))]
     )
     save("transparent.png", Image.fromarray(rgba))
-    save("cmyk.jpg", Image.fromarray(_photo(90, 110, 6)).convert("CMYK"), quality=90)
+    save("cmyk.jpg", Image.fromarray(photo(90, 110, 6)).convert("CMYK"), quality=90)
     save("tiny_1x1.png", Image.fromarray(np.array([[[200, 30, 60]]], np.uint8)))
-    save("strip_3x500.png", Image.fromarray(_photo(3, 500, 7)))
+    save("strip_3x500.png", Image.fromarray(photo(3, 500, 7)))
     save(
         "palette.gif",
-        Image.fromarray(_photo(64, 96, 8)).convert("P", palette=Image.Palette.ADAPTIVE),
+        Image.fromarray(photo(64, 96, 8)).convert("P", palette=Image.Palette.ADAPTIVE),
     )
-    sixteen = _photo(80, 100, 9)[..., 1].astype(np.uint16) * 257
+    sixteen = photo(80, 100, 9)[..., 1].astype(np.uint16) * 257
     save("deep_16bit.png", Image.fromarray(sixteen))
     (folder / "sub").mkdir(exist_ok=True)
-    save("sub/nested.bmp", Image.fromarray(_photo(50, 70, 10)))
-    save("sub/UPPER.TIFF", Image.fromarray(_photo(64, 48, 11)))
+    save("sub/nested.bmp", Image.fromarray(photo(50, 70, 10)))
+    save("sub/UPPER.TIFF", Image.fromarray(photo(64, 48, 11)))
     (folder / "README.txt").write_text("not an image: ignored\n")
     return made
 

@@ -16,7 +16,8 @@ CRASH_RUNNER = Path(__file__).with_name("crash_runner.py")  # the CLI with a fau
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone")
 sys.path.insert(0, str(ROOT / "examples"))
 
-from make_examples import _photo, make_examples  # noqa: E402
+from make_examples import make_examples  # noqa: E402
+from make_examples import photo as make_examples_photo  # noqa: E402
 
 from spp_extract import images  # noqa: E402
 from spp_extract.backbones import Trunk  # noqa: E402
@@ -56,7 +57,7 @@ def refuse_listing(monkeypatch: pytest.MonkeyPatch, folder_name: str) -> None:
 
 
 def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
-    return _photo(height, width, seed)
+    return make_examples_photo(height, width, seed)
 
 
 def loop_spp(x: torch.Tensor, levels: tuple[int, ...], mode: str) -> torch.Tensor:
