@@ -33,7 +33,7 @@ from torch import Tensor
 from .config import Config
 from .errors import ConfigError, option, printable
 from .reader import block_rows_for, read_rows
-from .storage import atomic_path, disk_error, finish_atomic, shards_root
+from .storage import copy_as_merged, shards_root, written_atomically
 from .view import check_sources, identify
 
 Progress = Callable[[int, int], None]
@@ -438,52 +438,34 @@ def project_file(
     _check_dest(source, dest, overwrite)
     check_projection(projection, attrs)
     target = _device(device)
-    tmp = atomic_path(dest)
-    try:
-        with (
-            h5py.File(source, "r", locking=False) as src,
-            h5py.File(tmp, "w", locking=False) as out,
-        ):
-            features = src["features"]
-            n, d = features.shape
-            if d != projection.input_dim:
-                raise ConfigError(
-                    f"{source.name} has {d}-value vectors, the projection takes "
-                    f"{projection.input_dim}"
-                )
-            step = block_rows or block_rows_for(d, features.dtype.itemsize)
-            chunk = max(1, min(max(n, 1), (1 << 20) // (4 * projection.dim)))
-            target_ds = out.create_dataset(
-                "features",
-                shape=(n, projection.dim),
-                dtype=np.float32,
-                chunks=(chunk, projection.dim),
+    advice = "nothing was written; free space or choose another destination, then run again"
+    with (
+        written_atomically(dest, advice) as tmp,
+        h5py.File(source, "r", locking=False) as src,
+        h5py.File(tmp, "w", locking=False) as out,
+    ):
+        features = src["features"]
+        n, d = features.shape
+        if d != projection.input_dim:
+            raise ConfigError(
+                f"{source.name} has {d}-value vectors, the projection takes {projection.input_dim}"
             )
-            with torch.inference_mode():
-                for start in range(0, n, step):
-                    block = torch.from_numpy(features[start : start + step]).to(target)
-                    target_ds[start : start + len(block)] = projection.apply(block).cpu().numpy()
-                    if progress is not None:
-                        progress(start + len(block), n)
-            for name, obj in src.items():
-                if name not in ("features", "reduce"):
-                    src.copy(obj, out, name=name)
-            out.attrs.update(src.attrs)
-            out.attrs["layout"] = "merged"
-            if "shards" in out.attrs:
-                del out.attrs["shards"]
-            _write_projection(out.create_group("reduce"), projection)
-        finish_atomic(tmp, dest)
-    except ConfigError:
-        tmp.unlink(missing_ok=True)
-        raise
-    except (OSError, RuntimeError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise disk_error(
-            exc,
-            dest,
-            "nothing was written; free space or choose another destination, then run again",
-        ) from None
+        step = block_rows or block_rows_for(d, features.dtype.itemsize)
+        chunk = max(1, min(max(n, 1), (1 << 20) // (4 * projection.dim)))
+        target_ds = out.create_dataset(
+            "features",
+            shape=(n, projection.dim),
+            dtype=np.float32,
+            chunks=(chunk, projection.dim),
+        )
+        with torch.inference_mode():
+            for start in range(0, n, step):
+                block = torch.from_numpy(features[start : start + step]).to(target)
+                target_ds[start : start + len(block)] = projection.apply(block).cpu().numpy()
+                if progress is not None:
+                    progress(start + len(block), n)
+        copy_as_merged(src, out, skip=("features", "reduce"))
+        _write_projection(out.create_group("reduce"), projection)
     return n
 
 
@@ -726,29 +708,23 @@ def find_neighbors(
     with h5py.File(source, "r", locking=False) as src:
         if dest is not None:
             dest = Path(dest)
-            tmp = atomic_path(dest)
-            try:
-                with h5py.File(tmp, "w", locking=False) as out:
-                    group = out.create_group("neighbors")
-                    group.create_dataset("index", data=found.index)
-                    group.create_dataset("similarity", data=found.similarity)
-                    for name in ("paths", "path_bytes"):
-                        src.copy(src[name], out, name=name)
-                    out.attrs.update(
-                        k=k,
-                        metric="cosine",
-                        source_file=source.name,
-                        ties="equal similarities: lower row first",
-                        config=str(src.attrs.get("config", "")),
-                    )
-                finish_atomic(tmp, dest)
-            except (OSError, RuntimeError) as exc:
-                tmp.unlink(missing_ok=True)
-                raise disk_error(
-                    exc,
-                    dest,
-                    "nothing was written; free space or choose another destination, then run again",
-                ) from None
+            advice = "nothing was written; free space or choose another destination, then run again"
+            with (
+                written_atomically(dest, advice) as tmp,
+                h5py.File(tmp, "w", locking=False) as out,
+            ):
+                group = out.create_group("neighbors")
+                group.create_dataset("index", data=found.index)
+                group.create_dataset("similarity", data=found.similarity)
+                for name in ("paths", "path_bytes"):
+                    src.copy(src[name], out, name=name)
+                out.attrs.update(
+                    k=k,
+                    metric="cosine",
+                    source_file=source.name,
+                    ties="equal similarities: lower row first",
+                    config=str(src.attrs.get("config", "")),
+                )
         if pairs is not None:
             lo, hi, sims = pairs_above(found, threshold)
             paths = src["paths"].asstr()
@@ -765,17 +741,11 @@ def find_neighbors(
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["path_a", "path_b", "similarity"])
-            writer.writerows(rows)
-        finish_atomic(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise disk_error(
-            exc,
-            path,
-            "the pairs were not written; free space or choose another file, then run again",
-        ) from None
+    advice = "the pairs were not written; free space or choose another file, then run again"
+    with (
+        written_atomically(path, advice) as tmp,
+        open(tmp, "w", newline="", encoding="utf-8") as fh,
+    ):
+        writer = csv.writer(fh)
+        writer.writerow(["path_a", "path_b", "similarity"])
+        writer.writerows(rows)

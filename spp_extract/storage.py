@@ -9,12 +9,13 @@ know h5py.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import hashlib
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,35 @@ def finish_atomic(tmp: Path, path: Path) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def written_atomically(path: Path, advice: str | None = None) -> Iterator[Path]:
+    """Write ``path`` whole or not at all: the body writes the temporary file yielded, which
+    then replaces ``path`` (fsync'd, renamed, folder fsync'd). On any error the temporary file
+    is removed; a disk error becomes an OutputError naming ``path`` and ``advice``."""
+    tmp = atomic_path(path)
+    try:
+        yield tmp
+        finish_atomic(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise disk_error(exc, path, advice) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_as_merged(src: h5py.File, out: h5py.File, skip: Sequence[str] = ("features",)) -> None:
+    """Every dataset and attribute of ``src`` but ``skip`` into ``out``, a self-contained file
+    (``layout = merged``, no shards folder)."""
+    for name, obj in src.items():
+        if name not in skip:
+            src.copy(obj, out, name=name)
+    out.attrs.update(src.attrs)
+    out.attrs["layout"] = "merged"
+    if "shards" in out.attrs:
+        del out.attrs["shards"]
 
 
 def run_attrs(**values: Any) -> dict[str, Any]:

@@ -26,13 +26,12 @@ from .storage import (
     STATUS_FAILED,
     STATUS_OK,
     STR,
-    atomic_path,
     bytes_array,
     check_space,
-    disk_error,
-    finish_atomic,
+    copy_as_merged,
     key_text,
     shards_root,
+    written_atomically,
 )
 
 
@@ -90,9 +89,8 @@ def assemble(
     records = [(k, state.records[k]) for k in wanted]
     ok = [(k, r) for k, r in records if r.status == STATUS_OK]
     failed = [(k, r) for k, r in records if r.status == STATUS_FAILED]
-    tmp = atomic_path(output)
     check_space(output.parent, len(records) * 400 + (1 << 20))
-    try:
+    with written_atomically(output) as tmp:
         handles = {i: h5py.File(p, "r", locking=False) for i, p in enumerate(state.shards)}
         try:
             with h5py.File(tmp, "w", locking=False) as out:
@@ -113,10 +111,6 @@ def assemble(
         finally:
             for handle in handles.values():
                 handle.close()
-        finish_atomic(tmp, output)
-    except (OSError, RuntimeError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise disk_error(exc, output) from None
     return len(ok), len(failed)
 
 
@@ -233,34 +227,23 @@ def merge(source: Path, dest: Path, *, block_rows: int = 1024) -> int:
             f"'{dest}' is {source.name} itself or inside its shards folder; write the merged "
             "copy somewhere else"
         )
-    tmp = atomic_path(dest)
-    try:
-        with h5py.File(source, "r", locking=False) as src, h5py.File(tmp, "w") as out:
-            features = src["features"]
-            n, dim = features.shape
-            rows = max(1, min(max(n, 1), (1 << 20) // max(1, dim * features.dtype.itemsize)))
-            target = out.create_dataset(
-                "features",
-                shape=(n, dim),
-                dtype=features.dtype,
-                chunks=(rows, dim),
-                maxshape=(None, dim),
-            )
-            for start in range(0, n, block_rows):
-                target[start : start + block_rows] = features[start : start + block_rows]
-            for name, obj in src.items():
-                if name != "features":
-                    src.copy(obj, out, name=name)
-            out.attrs.update(src.attrs)
-            out.attrs["layout"] = "merged"
-            if "shards" in out.attrs:
-                del out.attrs["shards"]
-        finish_atomic(tmp, dest)
-    except (OSError, RuntimeError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise disk_error(
-            exc,
-            dest,
-            "nothing was written; free space or choose another destination, then run merge again",
-        ) from None
+    advice = "nothing was written; free space or choose another destination, then run merge again"
+    with (
+        written_atomically(dest, advice) as tmp,
+        h5py.File(source, "r", locking=False) as src,
+        h5py.File(tmp, "w") as out,
+    ):
+        features = src["features"]
+        n, dim = features.shape
+        rows = max(1, min(max(n, 1), (1 << 20) // max(1, dim * features.dtype.itemsize)))
+        target = out.create_dataset(
+            "features",
+            shape=(n, dim),
+            dtype=features.dtype,
+            chunks=(rows, dim),
+            maxshape=(None, dim),
+        )
+        for start in range(0, n, block_rows):
+            target[start : start + block_rows] = features[start : start + block_rows]
+        copy_as_merged(src, out)
     return n

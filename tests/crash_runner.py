@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 
-from spp_extract import images, shards, view
+from spp_extract import images, shards, storage
 from spp_extract.cli import main
 
 
@@ -71,13 +71,13 @@ def install(fault: str) -> None:
 
         shards.ShardWriter.commit = _count_then(int(arg), after, shards.ShardWriter.commit)
     elif name == "kill-in-assemble":
-        original_finish = view.finish_atomic
+        original_finish = storage.finish_atomic
 
         def finish(tmp, path):  # noqa: ANN001, ANN202
             _kill()
             original_finish(tmp, path)
 
-        view.finish_atomic = finish
+        storage.finish_atomic = finish
     elif name in ("kill-in-put", "enospc-in-put"):
 
         class _Full:
