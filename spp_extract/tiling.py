@@ -303,23 +303,29 @@ def plan_tiles(
 
 def fitting_core(
     field: ReceptiveField, size: tuple[int, int], out_size: tuple[int, int], tile_pixels: float
-) -> int:
-    """The largest core (output cells per side) whose largest tile, halos included and
-    clipped at the borders, has at most ``tile_pixels`` input pixels; 1 if none does."""
+) -> tuple[int, int]:
+    """The core (output cells, per axis) whose tiles, halos included and clipped at the
+    borders, each have at most ``tile_pixels`` input pixels and together compute the fewest
+    pixels (fewer tiles on a tie); (1, 1) if none fits. Cores are balanced: n tiles along an
+    axis of m cells get ceil(m / n) cells each, so no thin last tile pays a full halo."""
 
-    def largest(core: int) -> int:
-        rows = max(b - a for (a, b), _ in _axis(size[0], out_size[0], field.rows, core))
-        cols = max(b - a for (a, b), _ in _axis(size[1], out_size[1], field.cols, core))
-        return rows * cols
+    def options(length: int, cells: int, axis_field: Field) -> list[tuple[int, int, int, int]]:
+        """(core, largest tile side, sum of tile sides, tiles) for each distinct core."""
+        found = {}
+        for n in range(1, cells + 1):
+            core = -(-cells // n)
+            if core not in found:
+                sides = [b - a for (a, b), _ in _axis(length, cells, axis_field, core)]
+                found[core] = (core, max(sides), sum(sides), len(sides))
+        return list(found.values())
 
-    low, high, best = 1, max(out_size), 1
-    while low <= high:  # the largest tile grows with the core
-        mid = (low + high) // 2
-        if largest(mid) <= tile_pixels:
-            best, low = mid, mid + 1
-        else:
-            high = mid - 1
-    return best
+    best: tuple[int, int, int, int] | None = None  # (work, tiles, row core, col core)
+    for rc, rmax, rsum, rn in options(size[0], out_size[0], field.rows):
+        for cc, cmax, csum, cn in options(size[1], out_size[1], field.cols):
+            if rmax * cmax <= tile_pixels:
+                candidate = (rsum * csum, rn * cn, rc, cc)
+                best = candidate if best is None else min(best, candidate)
+    return (1, 1) if best is None else (best[2], best[3])
 
 
 Prepare = Callable[[Tensor, Tile], Tensor]

@@ -17,6 +17,7 @@ from spp_extract.pooling import spatial_pyramid_pool
 from spp_extract.runtime import Runtime
 from spp_extract.tiling import (
     NotTileable,
+    fitting_core,
     meta_copy,
     output_size,
     plan_tiles,
@@ -441,3 +442,33 @@ def test_auto_budget_leaves_room_for_the_model_and_decoding(monkeypatch, workers
     model = memory.module_bytes(build_trunk(config).module)
     assert runtime.budget == (10 << 30) - model - decoding
     assert runtime.workers == workers and runtime.batch_pixels <= batch_pixels
+
+
+@pytest.mark.parametrize(
+    ("size", "tile_pixels"),
+    [((3000, 4000), 2.2e6), ((6000, 8000), 4e6), ((1501, 1999), 1e6), ((700, 90), 5e4)],
+    ids=str,
+)
+def test_fitting_core_fits_the_budget_and_computes_no_more_than_square_cores(size, tile_pixels):
+    """Per-axis, balanced cores: every tile (halos included) within ``tile_pixels``, and no
+    more pixels computed than the best square core (the plan before per-axis cores)."""
+    field = receptive_field(meta_copy(_trunk("resnet50").module))
+    out_size = output_size(meta_copy(_trunk("resnet50").module), *size)
+
+    def work(plan) -> int:  # noqa: ANN001
+        return sum((t.rows[1] - t.rows[0]) * (t.cols[1] - t.cols[0]) for t in plan.tiles)
+
+    def largest(plan) -> int:  # noqa: ANN001
+        return max((t.rows[1] - t.rows[0]) * (t.cols[1] - t.cols[0]) for t in plan.tiles)
+
+    core = fitting_core(field, size, out_size, tile_pixels)
+    plan = plan_tiles(field, size, out_size, core)
+    assert largest(plan) <= tile_pixels
+    squares = [plan_tiles(field, size, out_size, c) for c in range(1, max(out_size) + 1)]
+    best_square = min(work(p) for p in squares if largest(p) <= tile_pixels)
+    assert work(plan) <= best_square
+    # the whole map is covered once: the cores tile it exactly
+    cells = sum(
+        (t.out_rows[1] - t.out_rows[0]) * (t.out_cols[1] - t.out_cols[0]) for t in plan.tiles
+    )
+    assert cells == out_size[0] * out_size[1]
