@@ -389,7 +389,13 @@ print(estimate, status("VmHWM:") - base)
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="Linux only")
 @pytest.mark.parametrize(
     ("backbone", "h", "w"),
-    [("resnet50", 1500, 2000), ("vgg16", 1200, 1700), ("resnet18", 1400, 1400)],
+    [
+        ("resnet50", 1500, 2000),
+        ("vgg16", 1200, 1700),
+        ("resnet18", 1400, 1400),
+        ("densenet121", 2000, 2000),
+        ("convnext_tiny", 1500, 2000),
+    ],
 )
 def test_memory_estimate_is_within_25_percent_of_measured_peak_rss(backbone, h, w):
     done = run_python("-c", _MEASURE, backbone, h, w, env={"OMP_NUM_THREADS": "2"})
