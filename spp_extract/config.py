@@ -16,12 +16,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .errors import ConfigError, printable
 
 AUTO = "auto"
 NONE = "none"
+
+# The keys with a fixed set of values: their types, and (CHOICES) what the checks accept.
+Pooling = Literal["max", "avg"]
+Dtype = Literal["float32", "float16"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Batching = Literal["auto", "same-size", "padded"]
 
 
 @dataclass(frozen=True)
@@ -32,14 +38,14 @@ class Config:
     layer: str = ""  # "" = the backbone's default layer (`spp-extract backbones` lists them)
     weights: str = "DEFAULT"  # DEFAULT, a torchvision weights name, "none", or a state-dict file
     levels: tuple[int, ...] = (4, 2, 1)
-    pooling: str = "max"
+    pooling: Pooling = "max"
     mean: tuple[float, ...] = ()  # () = the weights' own mean/std (ImageNet for files and "none")
     std: tuple[float, ...] = ()
     seed: int = 0  # initialises the model when weights = "none"
-    dtype: str = "float32"  # stored precision of the vectors
-    precision: str = "fp32"  # compute precision; bf16/fp16 use autocast and are not exact
+    dtype: Dtype = "float32"  # stored precision of the vectors
+    precision: Precision = "fp32"  # compute precision; bf16/fp16 use autocast and are not exact
     device: str = AUTO
-    batching: str = AUTO  # same-size | padded (masked padding, exact) | auto (padded on GPU)
+    batching: Batching = "auto"  # same-size | padded (masked padding, exact) | auto (padded on GPU)
     batch_size: int | str = AUTO  # most images in one batch
     batch_pixels: int | str = AUTO  # most padded pixels in one batch
     workers: int | str = AUTO  # decode processes
@@ -89,11 +95,11 @@ MODEL_KEYS = (
     "dtype",
     "precision",
 )
-CHOICES = {
-    "pooling": ("max", "avg"),
-    "dtype": ("float32", "float16"),
-    "precision": ("fp32", "bf16", "fp16"),
-    "batching": (AUTO, "same-size", "padded"),
+CHOICES: dict[str, tuple[str, ...]] = {
+    "pooling": get_args(Pooling),
+    "dtype": get_args(Dtype),
+    "precision": get_args(Precision),
+    "batching": get_args(Batching),
 }
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,4})?)$")
 # Bounds: beyond them a value is a typo or an attack, never a plan (and would fail mid-run).
