@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,6 +33,18 @@ from .tiling import (
 
 # Suggested instead of a backbone that cannot be tiled.
 TILEABLE_HINT = "resnet50, convnext_tiny or densenet121"
+
+
+@dataclass(frozen=True)
+class Vector:
+    """One image's result: its SPP vector and what the trunk made of the image."""
+
+    values: Tensor  # (D,) on the CPU
+    feature_map_size: tuple[int, int]
+    tiles: int = 0  # tiles the trunk ran on (0: the whole image at once)
+
+
+Result = Vector | ImageError  # one per image: its vector, or why there is none
 
 
 class Extractor:
@@ -75,7 +88,10 @@ class Extractor:
         self.dim = self.model.dim
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
 
-    def _run(self, pixels: Tensor, metas: Sequence[RowMeta]) -> Tensor:
+    def _run(
+        self, pixels: Tensor, metas: Sequence[RowMeta]
+    ) -> tuple[Tensor, list[tuple[int, int]]]:
+        """(vectors ``Tensor[N, D]``, each image's feature map size)."""
         x = pixels.to(self.device, non_blocking=True).float().div_(255.0)
         x = (x - self.mean) / self.std
         sizes = [m.image_size for m in metas]
@@ -103,9 +119,7 @@ class Extractor:
             index = torch.tensor(rows, device=out.device)
             part = out.index_select(0, index)[:, :, :h, :w]  # (n, C, h, w)
             vectors[index] = self.model.spp(part)
-        for meta, size in zip(metas, finals, strict=True):
-            meta.feature_map_size = (int(size[0]), int(size[1]))
-        return vectors
+        return vectors, [(int(h), int(w)) for h, w in finals]
 
     @property
     def memory(self) -> MemoryModel:
@@ -113,15 +127,15 @@ class Extractor:
             self._memory = memory_model(self.trunk.module, self.config.precision, self.device.type)
         return self._memory
 
-    def __call__(self, pixels: Tensor, metas: list[RowMeta]) -> list[Tensor | ImageError]:
-        """One result per image, in order: its vector, or a failure (``too_large``,
-        ``out_of_memory``). Images over the budget run alone, tiled."""
+    def __call__(self, pixels: Tensor, metas: list[RowMeta]) -> list[Result]:
+        """One result per image, in order: its ``Vector``, or a failure (``too_large``,
+        ``out_of_memory``). Images over the budget run alone, tiled. ``metas`` are read only."""
         if self.budget is None:
             return self._batch(pixels, metas)
         large = [self.memory.peak(*m.input_size) > self.budget for m in metas]
         if not any(large):
             return self._batch(pixels, metas)
-        results: list[Tensor | ImageError | None] = [None] * len(metas)
+        results: list[Result | None] = [None] * len(metas)
         rest = [row for row, big in enumerate(large) if not big]
         if rest:
             part = pixels.index_select(0, torch.tensor(rest))  # (n, 3, H, W)
@@ -131,7 +145,7 @@ class Extractor:
             results[row] = self._large(pixels[row : row + 1], metas[row], self.budget)
         return results  # type: ignore[return-value]
 
-    def _batch(self, pixels: Tensor, metas: list[RowMeta]) -> list[Tensor | ImageError]:
+    def _batch(self, pixels: Tensor, metas: list[RowMeta]) -> list[Result]:
         """One result per image, in order: its vector, or an out-of-memory failure.
 
         Without masking, padding is not exact, so a batch whose images differ in size (a file
@@ -145,7 +159,7 @@ class Extractor:
         if len(by_size) == 1:
             (h, w), _ = by_size.popitem()
             return self._fitting(pixels[:, :, :h, :w], metas)
-        results: list[Tensor | ImageError | None] = [None] * len(metas)
+        results: list[Result | None] = [None] * len(metas)
         for (h, w), rows in by_size.items():
             part = pixels[torch.tensor(rows)][:, :, :h, :w]  # (n, 3, h, w)
             for row, result in zip(
@@ -154,13 +168,14 @@ class Extractor:
                 results[row] = result
         return results  # type: ignore[return-value]
 
-    def _fitting(self, pixels: Tensor, metas: list[RowMeta]) -> list[Tensor | ImageError]:
+    def _fitting(self, pixels: Tensor, metas: list[RowMeta]) -> list[Result]:
         """A batch that does not fit is split in halves and retried; only a single image that
         still fails is recorded."""
         try:
             with torch.inference_mode():
-                vectors = self._run(pixels, metas)
-            return list(vectors.to("cpu", non_blocking=False).unbind(0))
+                vectors, maps = self._run(pixels, metas)
+            cpu = vectors.to("cpu", non_blocking=False).unbind(0)
+            return [Vector(v, size) for v, size in zip(cpu, maps, strict=True)]
         except (RuntimeError, MemoryError) as exc:
             if not _out_of_memory(exc):
                 raise
@@ -176,7 +191,7 @@ class Extractor:
                 pixels[half:], metas[half:]
             )
 
-    def _large(self, pixels: Tensor, meta: RowMeta, budget: int) -> Tensor | ImageError:
+    def _large(self, pixels: Tensor, meta: RowMeta, budget: int) -> Result:
         """One image over ``budget``: tiled when the trunk allows it (smaller tiles after an
         out-of-memory error), else refused before anything is allocated."""
         h, w = meta.input_size
@@ -193,12 +208,7 @@ class Extractor:
         while True:
             try:
                 with torch.inference_mode():
-                    result = self._tiled(pixels[..., :h, :w], meta, budget)
-                if isinstance(result, ImageError):
-                    return result
-                vector, tiles = result
-                meta.tiles = tiles
-                return vector.to("cpu")
+                    return self._tiled(pixels[..., :h, :w], meta, budget)
             except NotTileable as exc:  # the tracer knows better than the module deny-list
                 return ImageError(
                     "too_large",
@@ -229,8 +239,8 @@ class Extractor:
             self._field = receptive_field(self._meta)
         return self._field, self._meta
 
-    def _tiled(self, x: Tensor, meta: RowMeta, budget: int) -> tuple[Tensor, int] | ImageError:
-        """``x: Tensor[1, 3, h, w]`` uint8 -> (its vector, tiles used). Tiles are sized to fit
+    def _tiled(self, x: Tensor, meta: RowMeta, budget: int) -> Result:
+        """``x: Tensor[1, 3, h, w]`` uint8 -> its vector, with the tiles used. Tiles are sized to fit
         ``budget`` with the uint8 image and the stitched map; where the map itself leaves no
         room, SPP bins are accumulated tile by tile instead. No full-size float copy."""
         field, meta_trunk = self._tiling()
@@ -267,8 +277,7 @@ class Extractor:
                     self.module, x, plan, prepare=prepare
                 ).float()  # (1, C, h', w')
                 vector = spatial_pyramid_pool(stitched, levels, mode)  # type: ignore[arg-type]
-        meta.feature_map_size = out_size
-        return vector[0], len(plan)
+        return Vector(vector[0].to("cpu"), (int(out_size[0]), int(out_size[1])), len(plan))
 
 
 # Tiling may compute at most this many times the image's pixels (halos overlap).

@@ -9,16 +9,16 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch.distributed as dist
-from torch import Tensor
 
 from . import images
 from .backbones import Trunk
-from .compute import Extractor
+from .compute import Extractor, Result
 from .config import Config
 from .decoding import Batch, Item, decoded_batches, file_stat, read_sizes
 from .errors import ImageError, Interrupted
@@ -185,8 +185,9 @@ class ShardSink:
                 self._commit(self.window)
             self.window, self.window_started = window, time.monotonic()
 
-    def record(self, batch: Batch, results: Sequence[Tensor | ImageError]) -> None:
-        """``results``: one per decoded image of ``batch`` (a vector or a failure)."""
+    def record(self, batch: Batch, results: Sequence[Result]) -> None:
+        """``results``: one per decoded image of ``batch`` (a vector or a failure); each row's
+        metadata is the decoder's, completed with what compute found."""
         shard = self._shard(self.window)
         start = self.planner.windows[self.window].start
         for item in batch.failures:
@@ -194,12 +195,14 @@ class ShardSink:
         positions, vectors, metas = [], [], []
         for index, meta, result in zip(batch.indices, batch.metas, results, strict=True):
             if isinstance(result, ImageError):
-                meta.error_class, meta.error = result.kind, result.message
-                self._fail(shard, index - start, Item(index, None, meta))
+                failed = replace(meta, error_class=result.kind, error=result.message)
+                self._fail(shard, index - start, Item(index, None, failed))
             else:
                 positions.append(index - start)
-                vectors.append(result.numpy())
-                metas.append(meta)
+                vectors.append(result.values.numpy())
+                metas.append(
+                    replace(meta, feature_map_size=result.feature_map_size, tiles=result.tiles)
+                )
         if positions:
             block = np.stack(vectors)
             self.writer.submit(lambda: shard.put(positions, block, metas))

@@ -233,23 +233,23 @@ def _one(extractor, h, w, seed=0):  # noqa: ANN001, ANN202
     pixels = torch.randint(
         0, 256, (1, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
     )
-    meta = RowMeta(image_size=(h, w), input_size=(h, w))
-    return extractor(pixels, [meta])[0], meta
+    return extractor(pixels, [RowMeta(image_size=(h, w), input_size=(h, w))])[0]
 
 
 @pytest.mark.slow
 def test_streamed_spp_when_the_map_leaves_no_room():
-    whole, _ = _one(_extractor("vgg11", None), 200, 230)
-    streamed, meta = _one(_extractor("vgg11", 2_000_000), 200, 230)
-    assert meta.tiles == 6 * 7  # one output cell per tile: the map's own size
-    torch.testing.assert_close(streamed, whole, rtol=1e-4, atol=1e-5)
+    whole = _one(_extractor("vgg11", None), 200, 230)
+    streamed = _one(_extractor("vgg11", 2_000_000), 200, 230)
+    assert streamed.tiles == 6 * 7  # one output cell per tile: the map's own size
+    assert streamed.feature_map_size == whole.feature_map_size == (6, 7)
+    torch.testing.assert_close(streamed.values, whole.values, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
 def test_single_image_out_of_memory_falls_back_to_tiles(monkeypatch):
     """(CUDA's case, simulated with the CPU allocator's error.)"""
     extractor = _extractor("vgg11", None)
-    whole, _ = _one(extractor, 200, 230)
+    whole = _one(extractor, 200, 230).values
     forward = type(extractor.module).forward
 
     def small_only(self, x):  # noqa: ANN001, ANN202
@@ -260,9 +260,9 @@ def test_single_image_out_of_memory_falls_back_to_tiles(monkeypatch):
         return forward(self, x)
 
     monkeypatch.setattr(type(extractor.module), "forward", small_only)
-    tiled, meta = _one(extractor, 200, 230)
-    assert meta.tiles > 1
-    torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-5)
+    tiled = _one(extractor, 200, 230)
+    assert tiled.tiles > 1
+    torch.testing.assert_close(tiled.values, whole, rtol=1e-4, atol=1e-5)
 
     def never(self, x):  # noqa: ANN001, ANN202
         if x.device.type != "meta":
@@ -270,7 +270,7 @@ def test_single_image_out_of_memory_falls_back_to_tiles(monkeypatch):
         return forward(self, x)
 
     monkeypatch.setattr(type(extractor.module), "forward", never)
-    failed, _ = _one(extractor, 200, 230)
+    failed = _one(extractor, 200, 230)
     assert failed.kind == "out_of_memory"
 
 
