@@ -7,12 +7,15 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
 
 from . import images
 from .config import Config, pixel_limit
@@ -213,35 +216,52 @@ def decoded_batches(
     again one image at a time in throw-away processes, and the rest goes on. ``caught``: the
     signals received so far (a worker lost to one ends the loop as ``Interrupted``)."""
     dataset = DecodeDataset(refs, min_side, config)
-    while True:
-        loader = DataLoader(
-            dataset,
-            batch_sampler=planner,
-            num_workers=workers,
-            collate_fn=Collate(multiple),
-            pin_memory=pin_memory,
-            timeout=config.decode_timeout if workers else 0,
-            prefetch_factor=PREFETCH if workers else None,
-            persistent_workers=False,
-            worker_init_fn=ignore_sigint,
-        )
-        batches = iter(loader)
+    # torch's SIGCHLD handler raises a dead worker's error wherever the main thread is: in the
+    # middle of compute it would lose the batch in hand. It is on only while waiting for the
+    # next batch; a worker that died meanwhile is reported as that wait begins.
+    watch = workers > 0 and threading.current_thread() is threading.main_thread()
+    torch_handler: Any = None
+    try:
         while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except RuntimeError as exc:
-                if workers == 0 or "DataLoader" not in str(exc):
-                    raise
-                if caught:
-                    raise Interrupted(caught[0]) from None
-                log.warning("a decode worker failed (%s); isolating its images", exc)
-                break
+            loader = DataLoader(
+                dataset,
+                batch_sampler=planner,
+                num_workers=workers,
+                collate_fn=Collate(multiple),
+                pin_memory=pin_memory,
+                timeout=config.decode_timeout if workers else 0,
+                prefetch_factor=PREFETCH if workers else None,
+                persistent_workers=False,
+                worker_init_fn=ignore_sigint,
+            )
+            batches = iter(loader)
+            if watch and torch_handler is None:
+                torch_handler = signal.getsignal(signal.SIGCHLD)
+            while True:
+                try:
+                    if watch:
+                        signal.signal(signal.SIGCHLD, torch_handler)
+                        _error_if_any_worker_fails()
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                except RuntimeError as exc:
+                    if workers == 0 or "DataLoader" not in str(exc):
+                        raise
+                    if caught:
+                        raise Interrupted(caught[0]) from None
+                    log.warning("a decode worker failed (%s); isolating its images", exc)
+                    break
+                finally:
+                    if watch:
+                        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                planner.received()
+                yield batch
+            del batches  # shuts the remaining workers down (a hung one is terminated)
+            planner.rewind()
+            suspect = next(iter(planner))  # the first batch not received
             planner.received()
-            yield batch
-        del batches  # shuts the remaining workers down (a hung one is terminated)
-        planner.rewind()
-        suspect = next(iter(planner))  # the first batch not received
-        planner.received()
-        yield collate([isolated_decode(refs[i], i, min_side, config) for i in suspect])
+            yield collate([isolated_decode(refs[i], i, min_side, config) for i in suspect])
+    finally:
+        if torch_handler is not None:
+            signal.signal(signal.SIGCHLD, torch_handler)

@@ -123,7 +123,9 @@ def _extract(
             lambda: rundir.setup(inputs, output, files_from, config, fp, lock, resume, overwrite),
         )
         # Loads weights (may still raise ConfigError) and sizes memory, on every rank.
-        trunk, runtime = on_every_rank(ctx, lambda: _model(config, resolved, ctx, device))
+        trunk, runtime = on_every_rank(
+            ctx, lambda: _model(config, resolved, ctx, device), "build the model"
+        )
         runtime.apply()
         # From here on, things are written; a signal is noted, and acted on between batches.
         caught = stack.enter_context(_signals())

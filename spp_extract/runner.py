@@ -4,6 +4,7 @@ one per window, committed when the plan moves on)."""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import queue
 import threading
@@ -90,14 +91,15 @@ def run_share(
         caught=caught,
     )
     try:
-        for batch in batches:
-            sink.begin(batch)
-            results = extractor(batch.pixels, batch.metas) if batch.pixels is not None else []
-            sink.record(batch, results)
-            if progress:
-                progress(sink.done, len(work))
-            if caught:
-                raise Interrupted(caught[0])
+        with contextlib.closing(batches):  # on any exit: the decode workers stop at once
+            for batch in batches:
+                sink.begin(batch)
+                results = extractor(batch.pixels, batch.metas) if batch.pixels is not None else []
+                sink.record(batch, results)
+                if progress:
+                    progress(sink.done, len(work))
+                if caught:
+                    raise Interrupted(caught[0])
         sink.finish()
     except Interrupted:
         sink.keep()  # everything computed so far, the open shard with its missing rows

@@ -238,8 +238,8 @@ def on_rank0(ctx: Dist, work: Callable[[], T]) -> T:
     return result
 
 
-def on_every_rank(ctx: Dist, work: Callable[[], T]) -> T:
-    """Every rank does ``work`` (loading weights, sizing memory); if it fails anywhere, every
+def on_every_rank(ctx: Dist, work: Callable[[], T], what: str) -> T:
+    """Every rank does ``work`` (``what``: "build the model"); if it fails anywhere, every
     rank raises, so no rank goes on into a collective that the failed one never joins. The
     failing rank raises its own error; the others an error of the same kind naming it."""
     error: BaseException | None = None
@@ -249,21 +249,23 @@ def on_every_rank(ctx: Dist, work: Callable[[], T]) -> T:
     except SppError as exc:
         error = exc
     except OSError as exc:
-        error = OutputError(printable(str(exc)))
+        error = OutputError(f"cannot {what} ({printable(str(exc))})")
     except BaseException as exc:
         if not ctx.active:
             raise
         error = exc
     if ctx.active:
         gathered: list[Any] = [None] * ctx.world
-        dist.all_gather_object(gathered, None if error is None else (type(error), str(error)))
+        # Plain values only: an exception class need not pickle, and a rank that failed to
+        # send would leave the others waiting.
+        sent = None if error is None else (isinstance(error, ConfigError), str(error))
+        dist.all_gather_object(gathered, sent)
         failed = [(rank, e) for rank, e in enumerate(gathered) if e is not None]
         if failed:
-            first, (kind, message) = failed[0]
+            first, (config_error, message) = failed[0]
             if error is None:
-                error = (kind if kind in (ConfigError, OutputError) else OutputError)(
-                    f"rank {first}: {message}"
-                )
+                kind = ConfigError if config_error else OutputError
+                error = kind(f"rank {first}: {message}")
             elif not isinstance(error, SppError):
                 raise error  # a bug: its traceback, on the rank that hit it
             if ctx.rank != first:

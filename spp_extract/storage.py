@@ -79,9 +79,6 @@ def disk_error(exc: Exception, path: Path, advice: str | None = None) -> OutputE
     return OutputError(f"stopped: {what} while writing {path}; {advice}")
 
 
-_HELD_LOCKS: set[int] = set()
-
-
 def bytes_array(items: Sequence[bytes]) -> np.ndarray:
     out = np.empty(len(items), dtype=object)
     out[:] = [np.frombuffer(b, dtype=np.uint8) for b in items]

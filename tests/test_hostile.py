@@ -255,3 +255,44 @@ def test_a_crashing_decoder_sharing_its_batch_with_same_size_images(tmp_path, mo
             rel=1e-4,
             err_msg=path,
         )
+
+
+@pytest.mark.slow
+def test_a_decoder_crashing_while_the_main_process_computes(tmp_path, monkeypatch):
+    """torch reports a dead worker (SIGCHLD) wherever the main thread is; a crash during
+    compute must not lose the batch in hand or end the run: the crashed image is recorded,
+    every other image has its vector, and the caller's SIGCHLD handler is back afterwards."""
+    import signal
+
+    from spp_extract import compute
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(8):
+        Image.fromarray(photo(40, 40, i)).save(folder / f"{i}.png")
+    real_decode, real_call = images.decode, compute.Extractor.__call__
+
+    def hostile(path, **kwargs):
+        if path.endswith("5.png"):
+            time.sleep(0.5)  # the main process is inside a slow compute by now
+            os.kill(os.getpid(), 9)
+        return real_decode(path, **kwargs)
+
+    def slow(self, *args, **kwargs):
+        time.sleep(1.5)  # compute outlasts the crash, as big images on CPU do
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(images, "decode", hostile)
+    monkeypatch.setattr(compute.Extractor, "__call__", slow)
+    out = tmp_path / "out.h5"
+    result = extract([folder], out, config=CONFIG.replace(workers=1, batch_size=1))
+    assert _failed(out) == {"5.png": "decoder_crashed"}
+    assert (result.images, result.failed) == (7, 1)
+    # torch's own handler is back (it installs it once per process and never again)
+    assert callable(signal.getsignal(signal.SIGCHLD))
+    trunk = build_trunk(CONFIG)
+    data = read_features(out)
+    for row, path in enumerate(data.paths):
+        assert_vectors_close(
+            data.features[row], reference_vector(trunk, folder / path, (4, 2, 1)), rel=1e-4
+        )
