@@ -217,18 +217,12 @@ def on_rank0(ctx: Dist, work: Callable[[], T]) -> T:
     result: Any = None
     error: BaseException | None = None
     if ctx.rank == 0:
-        try:
-            result = work()
-        except SppError as exc:
-            error = exc
-        except OSError as exc:
-            error = OutputError(f"cannot write the output ({printable(str(exc))})")
-        except BaseException as exc:
-            if not ctx.active:
-                raise
-            error = OutputError(f"rank 0 failed: {type(exc).__name__}: {printable(str(exc))}")
-            share(ctx, (None, error))
-            raise
+        result, error = _attempt(work, "write the output")
+        if error is not None and not isinstance(error, SppError):  # a bug, not the user's
+            if ctx.active:
+                name = f"{type(error).__name__}: {printable(str(error))}"
+                share(ctx, (None, OutputError(f"rank 0 failed: {name}")))
+            raise error
     if ctx.active:
         result, error = share(ctx, (result, error))
         if error is not None and ctx.rank != 0:
@@ -242,18 +236,9 @@ def on_every_rank(ctx: Dist, work: Callable[[], T], what: str) -> T:
     """Every rank does ``work`` (``what``: "build the model"); if it fails anywhere, every
     rank raises, so no rank goes on into a collective that the failed one never joins. The
     failing rank raises its own error; the others an error of the same kind naming it."""
-    error: BaseException | None = None
-    result: Any = None
-    try:
-        result = work()
-    except SppError as exc:
-        error = exc
-    except OSError as exc:
-        error = OutputError(f"cannot {what} ({printable(str(exc))})")
-    except BaseException as exc:
-        if not ctx.active:
-            raise
-        error = exc
+    result, error = _attempt(work, what)
+    if error is not None and not isinstance(error, SppError) and not ctx.active:
+        raise error
     if ctx.active:
         gathered: list[Any] = [None] * ctx.world
         # Plain values only: an exception class need not pickle, and a rank that failed to
@@ -273,6 +258,19 @@ def on_every_rank(ctx: Dist, work: Callable[[], T], what: str) -> T:
     if error is not None:
         raise error
     return result
+
+
+def _attempt(work: Callable[[], T], what: str) -> tuple[Any, BaseException | None]:
+    """(``work()``, None), or (None, the error): an SppError as it is, an OSError as an
+    OutputError saying what could not be done, anything else (a bug) as it is."""
+    try:
+        return work(), None
+    except SppError as exc:
+        return None, exc
+    except OSError as exc:
+        return None, OutputError(f"cannot {what} ({printable(str(exc))})")
+    except BaseException as exc:  # noqa: BLE001 - the caller re-raises it after telling the ranks
+        return None, exc
 
 
 def share(ctx: Dist, value: Any) -> Any:
