@@ -442,7 +442,7 @@ def show_config(cfg: Config | None = None) -> None:
     """Print the resolved configuration as TOML (file < flags, defaults filled in)."""
     assert cfg is not None  # given by _config_flags
     from .backbones import resolve
-    from .rundir import resolved_config
+    from .config import resolved_config
 
     try:
         typer.echo(to_toml(resolved_config(cfg, resolve(cfg))), nl=False)

@@ -16,9 +16,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from .errors import ConfigError, printable
+
+if TYPE_CHECKING:
+    from .backbones import ResolvedModel
 
 AUTO = "auto"
 NONE = "none"
@@ -95,6 +98,34 @@ MODEL_KEYS = (
     "dtype",
     "precision",
 )
+
+
+def fingerprint(config: Config, resolved: ResolvedModel) -> dict[str, Any]:
+    """The resolved values that decide the vectors; a resumed run must match them all."""
+    values = {
+        "backbone": resolved.backbone,
+        "layer": resolved.layer,
+        "weights": resolved.weights_id,
+        "levels": list(config.levels),
+        "pooling": config.pooling,
+        "mean": list(resolved.mean),
+        "std": list(resolved.std),
+        "dtype": config.dtype,
+        "precision": config.precision,
+    }
+    assert set(values) | {"seed"} == set(MODEL_KEYS)
+    if config.weights == "none":
+        values["seed"] = config.seed  # random weights: the seed decides them
+    return values
+
+
+def resolved_config(config: Config, resolved: ResolvedModel) -> dict[str, Any]:
+    """The full configuration with defaults filled in (printed by `spp-extract config`)."""
+    values = config.to_dict()
+    values.update(layer=resolved.layer, mean=list(resolved.mean), std=list(resolved.std))
+    return values
+
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "pooling": get_args(Pooling),
     "dtype": get_args(Dtype),

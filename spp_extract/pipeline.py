@@ -27,7 +27,7 @@ import torchvision
 
 from . import __version__, rundir
 from .backbones import ResolvedModel, Trunk, build_trunk, resolve
-from .config import Config, to_toml
+from .config import Config, fingerprint, resolved_config, to_toml
 from .errors import Interrupted, OutputError, SppError
 from .pooling import spp_dim
 from .runner import Failure, run_share
@@ -110,7 +110,7 @@ def _extract(
     ctx = Dist.from_env()
     resolved = resolve(config)
     device = resolve_device(config, ctx)
-    fp = rundir.fingerprint(config, resolved)
+    fp = fingerprint(config, resolved)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_process_group(ctx, device))
         lock = rundir.OutputLock(output) if ctx.rank == 0 else None
@@ -199,7 +199,7 @@ def _attrs(
         mean=list(resolved.mean),
         std=list(resolved.std),
         precision=config.precision,
-        config=to_toml(rundir.resolved_config(config, resolved)),
+        config=to_toml(resolved_config(config, resolved)),
         spp_extract_version=__version__,
         torch_version=str(torch.__version__),
         torchvision_version=str(torchvision.__version__),

@@ -355,32 +355,9 @@ def fit_projection(
             )
         ds = f["features"]
         n, d = ds.shape
-        if sample is None:
-            rows = min(n, SAMPLE_DEFAULT, max(2, SAMPLE_BYTES // (4 * max(d, 1))))
-        elif sample < 2:
-            raise ConfigError(f"sample {sample} is invalid; expected at least 2 rows")
-        else:
-            rows = min(n, sample)
-        if not 1 <= dim <= d:
-            raise ConfigError(
-                f"dim {dim} is invalid for {path.name}: its vectors have {d} values; "
-                f"choose 1 to {d}"
-            )
-        if dim > rows - 1:
-            raise ConfigError(
-                f"dim {dim} needs at least {dim + 1} sampled rows, and the sample has "
-                f"{rows} (file rows: {n}); lower {option('dim')} or raise "
-                f"{option('sample')}"
-            )
+        rows = _sample_rows(path, n, d, dim, sample)
         target = _device(device)
-        index = _sample_index(n, rows, seed)
-        x = torch.empty(rows, d, dtype=torch.float32, device=target)  # (sample, D)
-        for positions, block in read_rows(ds, index, block_rows_for(d, ds.dtype.itemsize)):
-            x[positions[0] : positions[-1] + 1] = prepare(
-                torch.from_numpy(block).to(target), power, l2
-            )
-            if progress is not None:
-                progress(int(positions[-1]) + 1, rows)
+        x = _read_sample(ds, _sample_index(n, rows, seed), target, power, l2, progress)
     with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
         torch.manual_seed(seed)  # svd_lowrank draws its random test matrix from torch's RNG
         mean, components, variance = pca(x, dim, method=method, inplace=True)
@@ -416,6 +393,45 @@ def fit_projection(
         attrs,
         settings,
     )
+
+
+def _sample_rows(path: Path, n: int, d: int, dim: int, sample: int | None) -> int:
+    """How many rows to fit on; ConfigError when ``dim`` or ``sample`` cannot work."""
+    if sample is None:
+        rows = min(n, SAMPLE_DEFAULT, max(2, SAMPLE_BYTES // (4 * max(d, 1))))
+    elif sample < 2:
+        raise ConfigError(f"sample {sample} is invalid; expected at least 2 rows")
+    else:
+        rows = min(n, sample)
+    if not 1 <= dim <= d:
+        raise ConfigError(
+            f"dim {dim} is invalid for {path.name}: its vectors have {d} values; choose 1 to {d}"
+        )
+    if dim > rows - 1:
+        raise ConfigError(
+            f"dim {dim} needs at least {dim + 1} sampled rows, and the sample has {rows} (file "
+            f"rows: {n}); lower {option('dim')} or raise {option('sample')}"
+        )
+    return rows
+
+
+def _read_sample(
+    ds: h5py.Dataset,
+    index: np.ndarray,
+    target: torch.device,
+    power: float,
+    l2: bool,
+    progress: Progress | None,
+) -> Tensor:
+    """Rows ``index`` (sorted) of ``ds``, prepared (power, L2), as ``Tensor[len(index), D]``
+    float32 on ``target``, read in sorted blocks."""
+    rows, d = len(index), ds.shape[1]
+    x = torch.empty(rows, d, dtype=torch.float32, device=target)  # (sample, D)
+    for positions, block in read_rows(ds, index, block_rows_for(d, ds.dtype.itemsize)):
+        x[positions[0] : positions[-1] + 1] = prepare(torch.from_numpy(block).to(target), power, l2)
+        if progress is not None:
+            progress(int(positions[-1]) + 1, rows)
+    return x
 
 
 def project_file(

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from . import images
 from .backbones import ResolvedModel
-from .config import MODEL_KEYS, Config, to_toml
+from .config import Config, resolved_config, to_toml
 from .errors import ConfigError, OutputError, option, printable
 from .shards import next_attempt, remove_partial
 from .storage import remove_stale_tmp, shards_root
@@ -87,32 +87,6 @@ class OutputLock:
         _HELD_LOCKS.discard(self._fd)
         os.close(self._fd)
         self._fd = None
-
-
-def fingerprint(config: Config, resolved: ResolvedModel) -> dict[str, Any]:
-    """The resolved values that decide the vectors; a resumed run must match them all."""
-    values = {
-        "backbone": resolved.backbone,
-        "layer": resolved.layer,
-        "weights": resolved.weights_id,
-        "levels": list(config.levels),
-        "pooling": config.pooling,
-        "mean": list(resolved.mean),
-        "std": list(resolved.std),
-        "dtype": config.dtype,
-        "precision": config.precision,
-    }
-    assert set(values) | {"seed"} == set(MODEL_KEYS)
-    if config.weights == "none":
-        values["seed"] = config.seed  # random weights: the seed decides them
-    return values
-
-
-def resolved_config(config: Config, resolved: ResolvedModel) -> dict[str, Any]:
-    """The full configuration with defaults filled in (printed by `spp-extract config`)."""
-    values = config.to_dict()
-    values.update(layer=resolved.layer, mean=list(resolved.mean), std=list(resolved.std))
-    return values
 
 
 def _read_run_toml(run_dir: Path) -> dict[str, Any]:
