@@ -16,6 +16,7 @@ import hashlib
 import io
 import logging
 import os
+import threading
 import urllib.parse
 import warnings
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from torchvision.models.feature_extraction import get_graph_node_names
 from .config import Config
 from .errors import ConfigError, option, printable
 from .masking import maskable
+from .rng import seeded
 
 log = logging.getLogger(__name__)
 
@@ -252,29 +254,32 @@ def meta_model(name: str) -> nn.Module:
     """The untrained model built on the meta device: no memory, no init cost; for names,
     shapes and sizes."""
     if not name.startswith("regnet"):
-        with torch.device("meta"):
+        with seeded(None), torch.device("meta"):
             return get_model(name, weights=None)
     # RegNet's builder computes its stage widths with tensor ops and .tolist(), which fails on
-    # meta tensors; there the parameters are made on the CPU one at a time and moved.
+    # meta tensors; there the parameters are made on the CPU one at a time and moved. The
+    # patch acts only in this thread: another thread building a module meanwhile is untouched.
     register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+    builder = threading.get_ident()
 
     def parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register_parameter(self, name, param)
-        if param is not None:
+        if param is not None and threading.get_ident() == builder:
             self._parameters[name] = nn.Parameter(param.to("meta"), param.requires_grad)
 
     def buffer(self: nn.Module, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
         register_buffer(self, name, tensor, persistent)
-        if tensor is not None:
+        if tensor is not None and threading.get_ident() == builder:
             self._buffers[name] = tensor.to("meta")
 
-    nn.Module.register_parameter = parameter  # type: ignore[method-assign]
-    nn.Module.register_buffer = buffer  # type: ignore[method-assign]
-    try:
-        return get_model(name, weights=None)
-    finally:
-        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+    with seeded(None):  # one build at a time: the patch is installed and removed under it
+        nn.Module.register_parameter = parameter  # type: ignore[method-assign]
+        nn.Module.register_buffer = buffer  # type: ignore[method-assign]
+        try:
+            return get_model(name, weights=None)
+        finally:
+            nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+            nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)
@@ -495,7 +500,7 @@ def build_trunk(config: Config, resolved: ResolvedModel | None = None) -> Trunk:
             log.info("downloading %s to %s", enum_weights.url, cache)
         try:
             # torch.hub prints "Downloading: ..." on stdout, which may be the user's data.
-            with contextlib.redirect_stdout(io.StringIO()):
+            with seeded(None), contextlib.redirect_stdout(io.StringIO()):
                 model = get_model(config.backbone, weights=enum_weights, progress=False)
         except Exception as exc:  # URLError, OSError, hash mismatch, ...
             raise ConfigError(
@@ -506,8 +511,7 @@ def build_trunk(config: Config, resolved: ResolvedModel | None = None) -> Trunk:
                 "seeded random init (trying things out)"
             ) from None
     else:
-        with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
-            torch.manual_seed(config.seed)  # random init is reproducible for weights = "none"
+        with seeded(config.seed):  # random init is reproducible for weights = "none"
             model = get_model(config.backbone, weights=None)
     model.eval()
     trunk = _cut(family.chain(model), resolved.layer)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect as pyinspect
 import logging
 import os
 import shlex
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -23,7 +26,7 @@ from .config import (
     size_or_auto,
     to_toml,
 )
-from .errors import ConfigError, SppError, printable
+from .errors import ConfigError, Interrupted, SppError, printable
 
 app = typer.Typer(
     add_completion=False,
@@ -177,7 +180,8 @@ def _config_flags(command: Callable[..., None]) -> Callable[..., None]:
 
 def _fail(exc: SppError) -> typer.Exit:
     if not getattr(exc, "reported_by_rank0", False):  # under torchrun: one line, not one a rank
-        typer.echo(f"spp-extract: error: {printable(str(exc))}", err=True)
+        prefix = "" if exc.exit_code >= 128 else "error: "  # an interruption is no error
+        typer.echo(f"spp-extract: {prefix}{printable(str(exc))}", err=True)
     return typer.Exit(exc.exit_code)
 
 
@@ -208,6 +212,25 @@ def _main(
 
     token = COMMAND_LINE.set(True)  # messages name --flags, not Python keywords
     ctx.call_on_close(lambda: COMMAND_LINE.reset(token))
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``Interrupted`` (exit 130/143, one line) instead of ending the
+    process where it stands: the command's temporary file is removed on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum, "nothing was written; run the command again")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class Progress:
@@ -457,10 +480,8 @@ def inspect(
 ) -> None:
     """Print count, dimension, configuration, failures and a few rows of an output file."""
     from .reader import summary
-    from .view import check_sources
 
     try:
-        check_sources(path)
         typer.echo("\n".join(summary(path, rows)))
     except SppError as exc:
         raise _fail(exc) from None
@@ -476,11 +497,8 @@ def merge(
     from .view import merge as do_merge
 
     try:
-        if dest.is_dir():
-            raise ConfigError(f"'{dest}' is a folder; give a file name for the merged copy")
-        if dest.exists() and not overwrite:
-            raise ConfigError(f"'{dest}' exists; pass --overwrite to replace it")
-        rows = do_merge(source, dest)
+        with _stopped_by_signals():
+            rows = do_merge(source, dest, overwrite=overwrite)
     except SppError as exc:
         raise _fail(exc) from None
     typer.echo(f"{rows} rows -> {printable(str(dest))}", err=True)
@@ -538,19 +556,20 @@ def reduce(
     try:
         from .retrieval import reduce as do_reduce
 
-        fitted = do_reduce(
-            source,
-            dest,
-            dim=dim,
-            whiten=whiten,
-            power=power,
-            l2=l2,
-            sample=sample,
-            seed=seed,
-            overwrite=overwrite,
-            device=device,
-            progress=progress,
-        )
+        with _stopped_by_signals():
+            fitted = do_reduce(
+                source,
+                dest,
+                dim=dim,
+                whiten=whiten,
+                power=power,
+                l2=l2,
+                sample=sample,
+                seed=seed,
+                overwrite=overwrite,
+                device=device,
+                progress=progress,
+            )
     except SppError as exc:
         progress.close()
         raise _fail(exc) from None
@@ -565,6 +584,8 @@ def reduce(
             f" -> {printable(str(dest))}",
             err=True,
         )
+        for note in reduce_notes(fitted, dest):
+            typer.echo(f"  note: {note}", err=True)
 
 
 @app.command()
@@ -606,16 +627,17 @@ def neighbors(
     try:
         from .retrieval import find_neighbors, pairs_above
 
-        found = find_neighbors(
-            source,
-            output,
-            k,
-            pairs=pairs,
-            threshold=threshold,
-            overwrite=overwrite,
-            device=device,
-            progress=progress,
-        )
+        with _stopped_by_signals():
+            found = find_neighbors(
+                source,
+                output,
+                k,
+                pairs=pairs,
+                threshold=threshold,
+                overwrite=overwrite,
+                device=device,
+                progress=progress,
+            )
     except SppError as exc:
         progress.close()
         raise _fail(exc) from None
@@ -624,6 +646,32 @@ def neighbors(
         written = [printable(str(p)) for p in (output, pairs) if p is not None]
         count = f", {len(pairs_above(found, threshold)[0])} pairs >= {threshold}" if pairs else ""
         typer.echo(f"{len(found.index)} rows, k = {k}{count} -> {', '.join(written)}", err=True)
+        if len(found.excluded):
+            first = ", ".join(printable(p) for p in found.excluded_paths[:3])
+            typer.echo(
+                f"  note: {len(found.excluded)} rows left out (not finite), in no list: {first}"
+                + (", ..." if len(found.excluded) > 3 else ""),
+                err=True,
+            )
+
+
+def reduce_notes(fitted: Any, dest: Path) -> list[str]:
+    """What ``reduce`` did beyond the asked (capped dimension, rows left out)."""
+    import h5py
+
+    notes = []
+    settings = fitted.settings
+    if settings.get("requested_dim", fitted.dim) > fitted.dim:
+        notes.append(
+            f"the sample has numerical rank {settings['rank']}, under --dim "
+            f"{settings['requested_dim']}: whitened to {fitted.dim} axes (the others hold "
+            "rounding noise, which whitening would blow up)"
+        )
+    with h5py.File(dest, "r", locking=False) as f:
+        left_out = int((f["failed/error_class"].asstr()[:] == "non_finite").sum())
+    if left_out:
+        notes.append(f"{left_out} rows are not finite: moved to failed/ (class non_finite)")
+    return notes
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -22,11 +22,12 @@ from .records import RowMeta
 from .tiling import (
     NotTileable,
     ReceptiveField,
-    fitting_core,
+    choose_tiling,
     normalising,
     output_size,
-    plan_tiles,
     receptive_field,
+    smallest_budget,
+    smallest_tile,
     tiled_spp,
     tiled_trunk,
 )
@@ -87,6 +88,7 @@ class Extractor:
         self.std = torch.tensor(self.model.std, device=device).view(1, 3, 1, 1)
         self.dim = self.model.dim
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+        self.stored_dtype = getattr(torch, config.dtype)
 
     def _run(
         self, pixels: Tensor, metas: Sequence[RowMeta]
@@ -128,8 +130,12 @@ class Extractor:
         return self._memory
 
     def __call__(self, pixels: Tensor, metas: list[RowMeta]) -> list[Result]:
-        """One result per image, in order: its ``Vector``, or a failure (``too_large``,
-        ``out_of_memory``). Images over the budget run alone, tiled. ``metas`` are read only."""
+        """One result per image, in order: its ``Vector`` (values in the stored dtype, every
+        one finite), or a failure (``too_large``, ``out_of_memory``, ``non_finite``). Images
+        over the budget run alone, tiled. ``metas`` are read only."""
+        return [stored(result, self.stored_dtype) for result in self._results(pixels, metas)]
+
+    def _results(self, pixels: Tensor, metas: list[RowMeta]) -> list[Result]:
         if self.budget is None:
             return self._batch(pixels, metas)
         large = [self.memory.peak(*m.input_size) > self.budget for m in metas]
@@ -230,7 +236,7 @@ class Extractor:
 
     def _at_minimum(self, budget: int, height: int, width: int) -> bool:
         """Whether ``budget`` already gives tiles of one output cell (nothing smaller to try)."""
-        side = _smallest_tile(self._tiling()[0])
+        side = smallest_tile(self._tiling()[0])
         return self.memory.peak(side, side) + 3 * height * width >= budget
 
     def _tiling(self) -> tuple[ReceptiveField, torch.nn.Module]:
@@ -246,31 +252,26 @@ class Extractor:
         field, meta_trunk = self._tiling()
         h, w = x.shape[-2:]
         out_size = output_size(meta_trunk, h, w)
-        held = x.numel() * x.element_size()
-        fmap = self.trunk.channels * out_size[0] * out_size[1] * 4
-        smallest = _smallest_tile(field)
-        stream = budget - held - fmap < self.memory.peak(smallest, smallest)
-        room = budget - held - (0 if stream else fmap)
-        core = fitting_core(field, (h, w), out_size, self.memory.pixels_within(room))
-        plan = plan_tiles(field, (h, w), out_size, core)
-        work = sum((t.rows[1] - t.rows[0]) * (t.cols[1] - t.cols[0]) for t in plan.tiles)
-        if work > MAX_TILING_WORK * h * w:
-            # Tiles so small that halos are nearly all they compute: refuse, do not crawl.
-            better = self.memory.peak(4 * smallest, 4 * smallest) + held + (0 if stream else fmap)
+        facts = (field, (h, w), out_size, self.trunk.channels, self.memory)
+        tiling = choose_tiling(*facts, budget)
+        if not tiling.sensible:
+            # Tiles so small that halos and per-tile calls are nearly all the work: refuse.
+            better = smallest_budget(*facts, budget)
             return ImageError(
                 "too_large",
                 f"{h}x{w}: max_memory = {show_size(budget)} leaves room only for tiles that "
-                f"would compute the image {work / (h * w):.0f} times over (halos of "
-                f"{self.config.backbone}'s receptive field); not attempted — give max_memory "
-                f"at least {show_size(better)}",
+                f"would compute the image {tiling.times_over:.0f} times over (halos of "
+                f"{self.config.backbone}'s receptive field, and a call per tile); not "
+                f"attempted — give max_memory at least {show_size(better, up=True)}",
             )
+        plan = tiling.plan
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         prepare = normalising(self.mean, self.std, meta.image_size, memory_format=memory_format)
         levels, mode = self.config.levels, self.config.pooling
         with torch.autocast(
             self.device.type, dtype=self.autocast, enabled=self.autocast is not None
         ):
-            if stream:
+            if tiling.stream:
                 vector = tiled_spp(self.module, x, plan, levels, mode, prepare=prepare)  # type: ignore[arg-type]
             else:
                 stitched = tiled_trunk(
@@ -280,13 +281,37 @@ class Extractor:
         return Vector(vector[0].to("cpu"), (int(out_size[0]), int(out_size[1])), len(plan))
 
 
-# Tiling may compute at most this many times the image's pixels (halos overlap).
-MAX_TILING_WORK = 32
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def _smallest_tile(field: ReceptiveField) -> int:
-    """Side of the smallest sensible tile: its halos and one output cell."""
-    return max(field.rows.hi - field.rows.lo, field.cols.hi - field.cols.lo) + max(field.stride)
+def stored(result: Result, dtype: torch.dtype) -> Result:
+    """``result`` with its values cast to the stored ``dtype``, or a ``non_finite`` failure:
+    no row ever holds NaN or inf (the trunk's, or a float16 overflow)."""
+    if not isinstance(result, Vector):
+        return result
+    values = result.values
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        kinds = " and ".join(
+            name
+            for name, found in (("NaN", values.isnan().any()), ("inf", values.isinf().any()))
+            if found
+        )
+        return ImageError(
+            "non_finite",
+            f"the trunk gave {kinds} in {bad} of {values.numel()} values (look at std, the "
+            "weights and precision)",
+        )
+    cast = values.to(dtype)
+    if not bool(torch.isfinite(cast).all()):
+        largest = float(values.abs().max())
+        return ImageError(
+            "non_finite",
+            f"float16 overflow: values reach {largest:.3g}, over float16's largest "
+            f"{FLOAT16_MAX:g} (use dtype = float32, or look at std and the weights)",
+        )
+    return replace(result, values=cast)
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -4,7 +4,6 @@ isolating a decoder that crashes or hangs in a throw-away process."""
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
 import threading
@@ -20,6 +19,7 @@ from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
 from . import images
 from .config import Config, pixel_limit
 from .errors import ImageError, Interrupted, printable
+from .isolation import Died, TimedOut, call_isolated, make_private
 from .planning import Planner
 from .records import RowMeta
 
@@ -84,8 +84,10 @@ class Batch:
         return self
 
 
-def ignore_sigint(_worker: int) -> None:
-    """Ctrl-C reaches the whole process group; the main process decides when to stop."""
+def init_worker(_worker: int) -> None:
+    """A decode worker is a process spp-extract owns (``isolation.private``). Ctrl-C reaches
+    the whole process group; the main process decides when to stop."""
+    make_private()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -120,46 +122,23 @@ def collate(items: list[Item], multiple: int = 1) -> Batch:
     return Batch([it.index for it in good], pixels, [it.meta for it in good], failures)
 
 
+def _decode_plain(ref: images.ImageRef, index: int, min_side: int, config: Config) -> tuple:
+    item = decode_item(ref, index, min_side, config)
+    return (None if item.pixels is None else item.pixels.numpy(), item.meta)
+
+
 def isolated_decode(ref: images.ImageRef, index: int, min_side: int, config: Config) -> Item:
     """Decode in a throw-away process: a crash or hang becomes a failure record."""
-    ctx = multiprocessing.get_context(
-        "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    )
-    parent, child = ctx.Pipe(duplex=False)
-
-    def target() -> None:
-        item = decode_item(ref, index, min_side, config)
-        # Plain data only: a tensor would go through torch's fd-passing pickler, which makes the
-        # parent connect back to this process after it has exited.
-        child.send((None if item.pixels is None else item.pixels.numpy(), item.meta))
-
-    process = ctx.Process(target=target, daemon=True)
-    process.start()
-    child.close()
-    problem = "the decoder process died"
     try:
-        if parent.poll(config.decode_timeout):
-            try:
-                pixels, meta = parent.recv()
-                return Item(index, None if pixels is None else torch.from_numpy(pixels), meta)
-            except EOFError:
-                pass
-            except Exception as exc:  # noqa: BLE001 - whatever came back is unusable
-                problem = (
-                    f"the decoder's result could not be received ({type(exc).__name__}: {exc})"
-                )
-        else:
-            process.kill()
-            return failure(
-                ref,
-                index,
-                "decode_timeout",
-                f"decoding took longer than {config.decode_timeout:g} s",
-            )
-    finally:
-        process.join(5)
-        parent.close()
-    return failure(ref, index, "decoder_crashed", f"{problem} (exit {process.exitcode})")
+        pixels, meta = call_isolated(
+            _decode_plain, ref, index, min_side, config, timeout=config.decode_timeout
+        )
+    except TimedOut:
+        message = f"decoding took longer than {config.decode_timeout:g} s"
+        return failure(ref, index, "decode_timeout", message)
+    except Died as exc:
+        return failure(ref, index, "decoder_crashed", f"decoding: {exc}")
+    return Item(index, None if pixels is None else torch.from_numpy(pixels), meta)
 
 
 def failure(ref: images.ImageRef, index: int, kind: str, message: str) -> Item:
@@ -175,6 +154,12 @@ def file_stat(ref: images.ImageRef) -> tuple[int, int]:
         return st.st_size, st.st_mtime_ns
     except OSError:
         return -1, -1
+
+
+def _own_generator() -> torch.Generator:
+    """A DataLoader draws its workers' base seed from this, not from torch's global generator
+    (which would shift the caller's random numbers, and another thread's seeded model init)."""
+    return torch.Generator().manual_seed(0)
 
 
 class _Headers(Dataset):
@@ -196,7 +181,13 @@ def header_size(ref: images.ImageRef) -> tuple[int, int] | None:
 def read_sizes(refs: Sequence[images.ImageRef], workers: int) -> list[tuple[int, int] | None]:
     if workers == 0 or len(refs) < 64:
         return [header_size(r) for r in refs]
-    loader = DataLoader(_Headers(refs), batch_size=64, num_workers=workers, collate_fn=list)
+    loader = DataLoader(
+        _Headers(refs),
+        batch_size=64,
+        num_workers=workers,
+        collate_fn=list,
+        generator=_own_generator(),
+    )
     return [size for chunk in loader for size in chunk]
 
 
@@ -232,7 +223,8 @@ def decoded_batches(
                 timeout=config.decode_timeout if workers else 0,
                 prefetch_factor=PREFETCH if workers else None,
                 persistent_workers=False,
-                worker_init_fn=ignore_sigint,
+                worker_init_fn=init_worker,
+                generator=_own_generator(),
             )
             batches = iter(loader)
             if watch and torch_handler is None:

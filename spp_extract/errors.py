@@ -41,14 +41,20 @@ class OutputError(SppError):
 
 
 class Interrupted(SppError):
-    """SIGINT/SIGTERM: committed work is kept; the exit status is 128 + signal."""
+    """SIGINT/SIGTERM; the exit status is 128 + signal. ``then``: what became of the work (for
+    an extraction: committed, to be resumed)."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(
-            f"interrupted by {signal.Signals(signum).name}; work up to now is "
-            "committed; rerun the same command with --resume to finish"
-        )
+    def __init__(
+        self,
+        signum: int,
+        then: str = "work up to now is committed; rerun the same command with --resume to finish",
+    ) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; {then}")
+        self.signum = signum
         self.exit_code = 128 + signum
+
+    def __reduce__(self) -> tuple[type, tuple[int, str]]:
+        return (type(self), (self.signum, str(self).partition("; ")[2]))
 
 
 class ImageError(Exception):

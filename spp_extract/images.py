@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 import struct
+import threading
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from . import isolation
 from .errors import ConfigError, ImageError, printable
 
 log = logging.getLogger(__name__)
@@ -279,8 +281,7 @@ def read_size(path: str) -> tuple[int, int] | None:
     None when the header cannot be read (or ``path`` is not a regular file); decoding will then
     record why."""
     try:
-        with _open_file(path) as fh, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _open_file(path) as fh, _settings(truncated=False):
             with Image.open(fh, formats=_formats()) as img:
                 width, height = img.size
                 if orientation(img) in (5, 6, 7, 8):
@@ -367,10 +368,49 @@ class Decoded:
     mtime_ns: int
 
 
+def _open(fh: BinaryIO, max_pixels: int) -> Image.Image:
+    """``Image.open`` by content, as one of FORMATS. Pillow refuses an image over twice its
+    own ``MAX_IMAGE_PIXELS`` (a decompression bomb); ``max_pixels`` is the tool's limit, which
+    may be higher: only then are Pillow's settings changed (``_settings``), never in a process
+    where a caller's threads may use Pillow too."""
+    try:
+        return Image.open(fh, formats=_formats())
+    except Image.DecompressionBombError:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and max_pixels > 2 * limit and not isolation.private():
+            raise _NeedsSettings from None
+        raise
+
+
+class _NeedsSettings(Exception):
+    """Decoding this file needs Pillow's process-wide settings changed (a truncated file that
+    may be decoded, an image over Pillow's own size limit): done in a private process."""
+
+
+@contextlib.contextmanager
+def _settings(*, truncated: bool) -> Iterator[None]:
+    """Pillow's process-wide settings for one decode: warnings off, and in a private process
+    (``isolation.private``) no bomb limit of Pillow's (``max_pixels`` applies) and, for
+    ``truncated``, truncated files decoded. Elsewhere only the warnings, one thread at a time
+    (``warnings.catch_warnings`` swaps process-wide state)."""
+    if not isolation.private():
+        with _WARNINGS, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+        return
+    warnings.simplefilter("ignore")  # the process is ours: for good
+    Image.MAX_IMAGE_PIXELS = None
+    ImageFile.LOAD_TRUNCATED_IMAGES = truncated
+    yield
+
+
+_WARNINGS = threading.Lock()
+
+
 def _load(fh: BinaryIO, max_pixels: int) -> tuple[Image.Image, str, int]:
     """Open, check the size, decide the orientation from the header (as read_size does), then
     load the pixels. Returns the image, its mode and its orientation."""
-    img = Image.open(fh, formats=_formats())
+    img = _open(fh, max_pixels)
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError(
@@ -383,19 +423,32 @@ def _load(fh: BinaryIO, max_pixels: int) -> tuple[Image.Image, str, int]:
     return img, mode, turn
 
 
-@contextlib.contextmanager
-def _no_pillow_bomb_check() -> Iterator[None]:
-    """Our own check in _load() applies max_pixels and names it; restore Pillow's after."""
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
-
-
 def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Decoded:
     """Decode ``path`` at native size. Raises ImageError; never returns a substitute."""
+    try:
+        array, mode, truncated, size, mtime = _decode(path, max_pixels, allow_truncated)
+    except _NeedsSettings:
+        # In a throw-away process, where changing Pillow's settings harms no caller's thread.
+        try:
+            found = isolation.call_isolated(
+                _decode, path, max_pixels, allow_truncated, timeout=_ISOLATED_SECONDS
+            )
+        except (isolation.Died, isolation.TimedOut) as exc:
+            raise ImageError("decoder_crashed", f"decoding: {exc}") from None
+        array, mode, truncated, size, mtime = found
+    with _settings(truncated=False):  # torch warns of a read-only array: it is only read
+        pixels = torch.from_numpy(array)
+    return Decoded(pixels.permute(2, 0, 1), mode, truncated, size, mtime)
+
+
+_ISOLATED_SECONDS = 3600.0
+
+
+def _decode(
+    path: str, max_pixels: int, allow_truncated: bool
+) -> tuple[np.ndarray, str, bool, int, int]:
+    """``decode`` as plain data: (pixels ``ndarray[H, W, 3]`` uint8, mode, truncated, file
+    size, modification time)."""
     try:
         with _open_file(path) as fh:
             st = os.fstat(fh.fileno())
@@ -403,8 +456,7 @@ def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Deco
                 raise ImageError("empty_file", "file is empty (0 bytes)")
             truncated = False
             try:
-                with warnings.catch_warnings(), _no_pillow_bomb_check():
-                    warnings.simplefilter("ignore")
+                with _settings(truncated=False):
                     img, mode, turn = _load(fh, max_pixels)
             except OSError as exc:
                 message = str(exc)
@@ -412,24 +464,18 @@ def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Deco
                     raise
                 if not allow_truncated:
                     raise ImageError("truncated", f"truncated file: {message}") from None
+                if not isolation.private():
+                    raise _NeedsSettings from None
                 fh.seek(0)
-                previous = ImageFile.LOAD_TRUNCATED_IMAGES
-                ImageFile.LOAD_TRUNCATED_IMAGES = True
-                try:
-                    with _no_pillow_bomb_check():
-                        img, mode, turn = _load(fh, max_pixels)
-                finally:
-                    ImageFile.LOAD_TRUNCATED_IMAGES = previous  # the caller's setting
+                with _settings(truncated=True):
+                    img, mode, turn = _load(fh, max_pixels)
                 truncated = True
-            with img:
+            with img, _settings(truncated=truncated):
                 rgb = to_rgb(img)
                 if turn in _TRANSPOSE:
                     rgb = rgb.transpose(_TRANSPOSE[turn])
                 array = np.asarray(rgb, dtype=np.uint8)  # (H, W, 3), one copy, read-only
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # read-only is fine: the pixels are only read
-                pixels = torch.from_numpy(array)
-            return Decoded(pixels.permute(2, 0, 1), mode, truncated, st.st_size, st.st_mtime_ns)
+            return array, mode, truncated, st.st_size, st.st_mtime_ns
     except ImageError:
         raise
     except FileNotFoundError:

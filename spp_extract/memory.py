@@ -13,6 +13,7 @@ workspace), so the peak is scaled by a calibrated factor, measured as peak RSS o
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from dataclasses import dataclass
@@ -111,7 +112,11 @@ def memory_model(module: nn.Module, precision: str = "fp32", device: str = "cpu"
 # ----------------------------------------------------------------------------- the budget
 
 
-def show_size(nbytes: float) -> str:
+def show_size(nbytes: float, *, up: bool = False) -> str:
+    """'1.5 GB', '542 MB' (three significant digits); ``up``: rounded up, for a least amount."""
+    if up and nbytes >= 1:
+        step = 10.0 ** max(0, math.floor(math.log10(nbytes)) - 2)
+        nbytes = math.ceil(nbytes / step) * step
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if nbytes >= scale:
             return f"{nbytes / scale:.3g} {unit}"

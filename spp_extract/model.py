@@ -56,6 +56,11 @@ class SppModel(nn.Module):
                 f"expected a Pillow image or a uint8 Tensor[3, H, W], got "
                 f"{pixels.dtype} {tuple(pixels.shape)}"
             )
+        if min(pixels.shape[1:]) < 1:
+            raise ValueError(
+                f"an image of shape {tuple(pixels.shape)} has no pixels; every side must be at "
+                "least 1"
+            )
         device = next(self.trunk.parameters()).device
         mean = torch.tensor(self.mean, device=device).view(3, 1, 1)
         std = torch.tensor(self.std, device=device).view(3, 1, 1)
@@ -106,5 +111,4 @@ def create_model(
         pooling=pooling,
         seed=seed,
     )
-    with torch.random.fork_rng(devices=[]):
-        return SppModel(build_trunk(config), config.levels, config.pooling).eval()
+    return SppModel(build_trunk(config), config.levels, config.pooling).eval()

@@ -28,7 +28,8 @@ import torchvision
 from . import __version__, rundir
 from .backbones import ResolvedModel, Trunk, build_trunk, resolve
 from .config import Config, fingerprint, resolved_config, to_toml
-from .errors import Interrupted, OutputError, SppError
+from .errors import ConfigError, Interrupted, OutputError, SppError
+from .outputs import remove_run
 from .pooling import spp_dim
 from .runner import Failure, run_share
 from .runtime import (
@@ -39,6 +40,7 @@ from .runtime import (
     process_settings_restored,
     resolve_device,
 )
+from .shards import list_shards
 from .storage import remove_tree, run_attrs, shards_root
 from .view import assemble
 
@@ -82,8 +84,7 @@ def extract(
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    # Building models (on the meta device too) draws on torch's RNG: the caller's is kept.
-    with torch.random.fork_rng(devices=[]), process_settings_restored():
+    with process_settings_restored():
         return _extract(
             inputs,
             Path(output).absolute(),
@@ -149,6 +150,10 @@ def _extract(
             if ctx.rank == 0 and not setup.keep_old_output:
                 _partial_view(output, setup.run_dir, keys, dim, config.dtype, attrs, keep)
             raise
+        except ConfigError:  # found once work began (every vector non-finite): leave no trace
+            if ctx.rank == 0 and not list_shards(setup.run_dir):
+                remove_tree(setup.run_dir)
+            raise
         if ctx.active:
             dist.barrier()
 
@@ -157,8 +162,9 @@ def _extract(
                 output, setup.run_dir, keys, dim, config.dtype, attrs, keep_prefixes=keep
             )
             for other in shards_root(output).glob("run-*"):
-                if other != setup.run_dir:  # an --overwrite'n run: the new file is in place now
-                    remove_tree(other)
+                # Runs replaced (--overwrite) or left by a reader that held them then.
+                if other != setup.run_dir and not remove_run(other):
+                    log.info("%s is being read; a later run on this output removes it", other)
             return counts
 
         rows, failed = on_rank0(ctx, finish)

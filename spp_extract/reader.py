@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
 from .errors import printable
-from .view import check_sources
+from .outputs import OutputFile, open_output
 
 
 @dataclass
@@ -54,33 +53,21 @@ def _row_index(rows: RowSelection, n: int) -> np.ndarray:
     return np.where(index < 0, index + n, index)
 
 
-def read_rows(
-    dataset: h5py.Dataset, index: np.ndarray, block_rows: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Rows ``index`` (sorted, unique) of ``dataset`` as (positions in ``index``, rows) blocks
-    of at most ``block_rows`` file rows each. h5py wants increasing indices, and a fancy read
-    costs a selection per row: a dense run is read as one slice and picked from in memory."""
-    start = 0
-    while start < len(index):
-        first = int(index[start])
-        stop = int(np.searchsorted(index, first + block_rows, side="left"))
-        picked = index[start:stop]
-        last = int(picked[-1]) + 1
-        if len(picked) * 4 >= last - first:  # dense: one contiguous read
-            block = dataset[first:last][picked - first]
-        else:
-            block = dataset[picked]
-        yield np.arange(start, stop), block
-        start = stop
-
-
-def _take(dataset: h5py.Dataset, index: np.ndarray, block_rows: int) -> np.ndarray:
-    """``dataset[index]`` for any int64 ``index`` (unsorted, repeated), read in sorted blocks."""
+def _take_features(opened: OutputFile, index: np.ndarray) -> np.ndarray:
+    """Feature rows ``index`` (any int64: unsorted, repeated), read in sorted blocks."""
     unique, inverse = np.unique(index, return_inverse=True)
-    out = np.empty((len(unique), *dataset.shape[1:]), dtype=dataset.dtype)
-    for positions, block in read_rows(dataset, unique, block_rows):
+    ds = opened.features
+    out = np.empty((len(unique), ds.shape[1]), dtype=ds.dtype)
+    step = block_rows_for(ds.shape[1], ds.dtype.itemsize)
+    for positions, block in opened.read_rows(unique, step):
         out[positions] = block
     return out[inverse]
+
+
+def _take(dataset: h5py.Dataset, index: np.ndarray) -> np.ndarray:
+    """``dataset[index]`` of a small per-row dataset (paths, sizes) for any int64 ``index``."""
+    unique, inverse = np.unique(index, return_inverse=True)
+    return dataset[unique][inverse] if len(unique) else dataset[:0]
 
 
 def block_rows_for(dim: int, itemsize: int, cap: int = 65536) -> int:
@@ -95,22 +82,19 @@ def read_features(path: str | os.PathLike[str], rows: RowSelection | None = None
     returned in the order given — or a boolean mask); ``paths``, ``image_size`` and
     ``feature_map_size`` follow them. The failure lists are always whole. ``None``: everything.
     """
-    path = Path(path)
-    check_sources(path)
-    with h5py.File(path, "r", locking=False) as f:
+    with open_output(path) as opened:
+        f = opened.file
         if rows is None:
-            features = f["features"][:]
+            features = opened.read(0, opened.rows)
             paths = list(f["paths"].asstr()[:])
             image_size, feature_map_size = f["image_size"][:], f["feature_map_size"][:]
         else:
-            ds = f["features"]
-            index = _row_index(rows, ds.shape[0])
-            step = block_rows_for(ds.shape[1], ds.dtype.itemsize)
-            features = _take(ds, index, step)
-            paths = list(_take(f["paths"], index, 1 << 20).astype(object))
+            index = _row_index(rows, opened.rows)
+            features = _take_features(opened, index)
+            paths = list(_take(f["paths"], index).astype(object))
             paths = [p.decode("utf-8") if isinstance(p, bytes) else p for p in paths]
-            image_size = _take(f["image_size"], index, 1 << 20)
-            feature_map_size = _take(f["feature_map_size"], index, 1 << 20)
+            image_size = _take(f["image_size"], index)
+            feature_map_size = _take(f["feature_map_size"], index)
         return Features(
             features=features,
             paths=paths,
@@ -131,17 +115,14 @@ def iter_features(
     paths[start:start+n])``, features as stored (float32 or float16). ``block_rows``: rows
     per block (default: about 256 MiB of features, at most 65,536 rows). Memory stays at one
     block whatever the file's size; the shards are checked first."""
-    path = Path(path)
-    check_sources(path)
-    with h5py.File(path, "r", locking=False) as f:
-        ds = f["features"]
-        n, dim = ds.shape
-        step = block_rows or block_rows_for(dim, ds.dtype.itemsize)
-        if step < 1:
-            raise ValueError(f"block_rows must be at least 1, not {block_rows}")
-        paths = f["paths"].asstr()
+    if block_rows is not None and block_rows < 1:
+        raise ValueError(f"block_rows must be at least 1, not {block_rows}")
+    with open_output(path) as opened:
+        n, dim = opened.rows, opened.dim
+        step = block_rows or block_rows_for(dim, opened.features.dtype.itemsize)
+        paths = opened.file["paths"].asstr()
         for start in range(0, n, step):
-            yield start, ds[start : start + step], list(paths[start : start + step])
+            yield start, opened.read(start, start + step), list(paths[start : start + step])
 
 
 # what the run actually used, shown by `inspect` (the configuration may say "auto")
@@ -158,10 +139,10 @@ _RECORDED = (
 )
 
 
-def summary(path: Path, rows: int = 3) -> list[str]:
-    """Human-readable lines for `spp-extract inspect` (call check_sources first)."""
-    with h5py.File(path, "r", locking=False) as f:
-        features = f["features"]
+def summary(path: str | os.PathLike[str], rows: int = 3) -> list[str]:
+    """Human-readable lines for `spp-extract inspect`."""
+    with open_output(path) as opened:
+        f, features = opened.file, opened.features
         n, dim = features.shape
         lines = [
             f"{path}: {n} images, {dim}-dim {features.dtype}, layout {f.attrs.get('layout', '?')}"

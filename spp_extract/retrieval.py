@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
 import os
 import tomllib
@@ -32,9 +33,10 @@ from torch import Tensor
 
 from .config import Config
 from .errors import ConfigError, option, printable
-from .reader import block_rows_for, read_rows
-from .storage import copy_as_merged, shards_root, written_atomically
-from .view import check_sources, identify
+from .outputs import OutputFile, identify, open_output
+from .reader import block_rows_for
+from .rng import seeded
+from .storage import check_destinations, copy_as_merged, written_atomically
 
 Progress = Callable[[int, int], None]
 ORDER = "power -> l2 -> centre -> project -> whiten -> l2"
@@ -49,6 +51,7 @@ FINGERPRINT_KEYS = (
     "std",
     "feature_dim",
 )
+NON_FINITE = "the stored vector holds NaN or inf; it is left out of reductions and neighbours"
 SAMPLE_DEFAULT = 100_000
 SAMPLE_BYTES = 2 << 30  # the default sample is capped to about this much float32
 EXACT_SIDE = 1024  # exact SVD when the sample's smaller side is at most this (or near 2 x dim)
@@ -168,6 +171,12 @@ class Projection:
             raise ValueError(
                 f"expected vectors of shape (n, {self.input_dim}), got {tuple(x.shape)}"
             )
+        bad = (~torch.isfinite(x).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"{len(bad)} vectors hold NaN or inf (rows {bad[:5]}); there is no projection "
+                "of them: leave them out"
+            )
         with torch.inference_mode():
             y = self.apply(x).cpu().numpy()
         return y[0] if single else y
@@ -176,8 +185,8 @@ class Projection:
     def load(cls, path: str | os.PathLike[str]) -> Projection:
         """The projection stored in a file written by ``reduce`` (its ``reduce/`` group)."""
         path = Path(path)
-        attrs = identify(path)
-        with h5py.File(path, "r", locking=False) as f:
+        with open_output(path) as opened:
+            f, attrs = opened.file, opened.attrs
             if "reduce" not in f:
                 raise ConfigError(
                     f"'{path}' holds no projection (no reduce/ group); make one "
@@ -287,28 +296,6 @@ def _device(device: str | torch.device | None) -> torch.device:
     return resolve_device(Config(device=str(device or "auto")), Dist())
 
 
-def _open_source(path: Path) -> dict[str, Any]:
-    """Root attributes of an spp-extract file whose shards are all there (ConfigError or
-    OutputError, one line, otherwise)."""
-    check_sources(path)
-    return identify(path)
-
-
-def _check_dest(source: Path, dest: Path, overwrite: bool) -> None:
-    if dest.is_dir():
-        raise ConfigError(f"'{dest}' is a folder; give a file name to write")
-    if not dest.parent.is_dir():
-        raise ConfigError(f"folder '{dest.parent}' does not exist; create it first")
-    if dest.resolve() == source.resolve() or dest.resolve().is_relative_to(
-        shards_root(source).resolve()
-    ):
-        raise ConfigError(
-            f"'{dest}' is {source.name} itself or inside its shards folder; write somewhere else"
-        )
-    if dest.exists() and not overwrite:
-        raise ConfigError(f"'{dest}' exists; pass {option('overwrite')} to replace it")
-
-
 def _sample_index(n: int, sample: int, seed: int) -> np.ndarray:
     """``sample`` distinct row numbers out of ``n``, sorted (h5py reads increasing indices)."""
     if sample >= n:
@@ -340,41 +327,53 @@ def fit_projection(
     as float32 (sample x D x 4 bytes); it is read in sorted row blocks.
     """
     path = Path(path)
-    attrs = _open_source(path)
     l2 = whiten if l2 is None else l2
     power = 1.0 if power is None else float(power)
     if not (math.isfinite(power) and power > 0):
         raise ConfigError(f"power {power} is invalid; expected a number > 0 (0.5 is usual)")
     if seed < 0:
         raise ConfigError(f"seed {seed} is invalid; expected an integer >= 0")
-    with h5py.File(path, "r", locking=False) as f:
-        if "reduce" in f:
+    with open_output(path) as opened:
+        attrs = opened.attrs
+        if "reduce" in opened.file:
             raise ConfigError(
                 f"'{path}' is already reduced (it has a reduce/ group); reduce the "
                 "original file instead"
             )
-        ds = f["features"]
-        n, d = ds.shape
+        n, d = opened.rows, opened.dim
         rows = _sample_rows(path, n, d, dim, sample)
         target = _device(device)
-        x = _read_sample(ds, _sample_index(n, rows, seed), target, power, l2, progress)
-    with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
-        torch.manual_seed(seed)  # svd_lowrank draws its random test matrix from torch's RNG
+        index = _sample_index(n, rows, seed)
+        x, left_out = _read_sample(opened, index, target, power, l2, progress)
+    if left_out:  # rows that are not finite are no data: the sample is the rest
+        rows = x.shape[0]
+        _check_rows(path, n, dim, rows, left_out)
+    with seeded(seed, [target]):  # svd_lowrank draws its random test matrix from torch's RNG
         mean, components, variance = pca(x, dim, method=method, inplace=True)
     # the sample's total variance (x is centred now)
     total = sum(float(block.square().sum()) for block in _float64_rows(x)) / max(rows - 1, 1)
     del x
     scale = None
+    rank = numerical_rank(variance, rows, d)
     if whiten:
-        floor = max(float(variance[0]) * 1e-12, 1e-30)  # a zero-variance axis is not blown up
-        scale = variance.double().clamp_min(floor).rsqrt().float().cpu().numpy()
+        if float(variance[0]) <= 0:
+            raise ConfigError(
+                f"the {rows} sampled rows of {path.name} are all the same vector: there is no "
+                "variance to whiten; reduce without --whiten or sample more rows"
+            )
+        # Axes at rounding level are noise: whitening would scale them by millions.
+        components, variance = components[:rank], variance[:rank]
+        scale = variance.double().rsqrt().float().cpu().numpy()
     settings = {
-        "dim": dim,
+        "dim": int(components.shape[0]),
+        "requested_dim": dim,
+        "rank": rank,
         "whiten": whiten,
         "power": power,
         "l2": l2,
         "order": ORDER,
         "sample_rows": rows,
+        "sample_non_finite": left_out,
         "seed": seed,
         "method": method,
         "source_file": path.name,
@@ -395,6 +394,17 @@ def fit_projection(
     )
 
 
+def numerical_rank(variance: Tensor, rows: int, dim: int) -> int:
+    """How many principal axes of a float32 sample carry more than rounding: singular values
+    over ``s_max * max(rows, dim) * eps`` (the rule of ``numpy.linalg.matrix_rank``), with
+    ``variance = s**2 / (rows - 1)``, largest first. At least 1."""
+    if not len(variance) or float(variance[0]) <= 0:
+        return 1
+    tolerance = max(rows, dim) * torch.finfo(torch.float32).eps
+    ratio = (variance.double() / float(variance[0])).clamp_min(0).sqrt()  # s / s_max
+    return max(1, int((ratio > tolerance).sum()))
+
+
 def _sample_rows(path: Path, n: int, d: int, dim: int, sample: int | None) -> int:
     """How many rows to fit on; ConfigError when ``dim`` or ``sample`` cannot work."""
     if sample is None:
@@ -407,31 +417,46 @@ def _sample_rows(path: Path, n: int, d: int, dim: int, sample: int | None) -> in
         raise ConfigError(
             f"dim {dim} is invalid for {path.name}: its vectors have {d} values; choose 1 to {d}"
         )
-    if dim > rows - 1:
-        raise ConfigError(
-            f"dim {dim} needs at least {dim + 1} sampled rows, and the sample has {rows} (file "
-            f"rows: {n}); lower {option('dim')} or raise {option('sample')}"
-        )
+    _check_rows(path, n, dim, rows)
     return rows
 
 
+def _check_rows(path: Path, n: int, dim: int, rows: int, left_out: int = 0) -> None:
+    """``dim`` needs ``dim + 1`` rows in the sample (``left_out``: sampled rows that were not
+    finite, so the sample is what is left)."""
+    if dim > rows - 1:
+        dropped = f", {left_out} sampled rows left out as not finite" if left_out else ""
+        fix = f"lower {option('dim')}"
+        if rows + left_out < n:
+            fix += f" or raise {option('sample')}"
+        raise ConfigError(
+            f"dim {dim} needs at least {dim + 1} sampled rows, and the sample has {rows} (file "
+            f"rows: {n}{dropped}); {fix}"
+        )
+
+
 def _read_sample(
-    ds: h5py.Dataset,
+    opened: OutputFile,
     index: np.ndarray,
     target: torch.device,
     power: float,
     l2: bool,
     progress: Progress | None,
-) -> Tensor:
-    """Rows ``index`` (sorted) of ``ds``, prepared (power, L2), as ``Tensor[len(index), D]``
-    float32 on ``target``, read in sorted blocks."""
-    rows, d = len(index), ds.shape[1]
+) -> tuple[Tensor, int]:
+    """Rows ``index`` (sorted) of the file, prepared (power, L2), as ``Tensor[n, D]`` float32
+    on ``target``, read in sorted blocks; rows that are not finite are left out (n is the
+    rest). Returns (the sample, how many were left out)."""
+    rows, d = len(index), opened.dim
     x = torch.empty(rows, d, dtype=torch.float32, device=target)  # (sample, D)
-    for positions, block in read_rows(ds, index, block_rows_for(d, ds.dtype.itemsize)):
-        x[positions[0] : positions[-1] + 1] = prepare(torch.from_numpy(block).to(target), power, l2)
+    kept = 0
+    step = block_rows_for(d, opened.features.dtype.itemsize)
+    for positions, block in opened.read_rows(index, step):
+        block = block[np.isfinite(block).all(axis=1)]
+        x[kept : kept + len(block)] = prepare(torch.from_numpy(block).to(target), power, l2)
+        kept += len(block)
         if progress is not None:
             progress(int(positions[-1]) + 1, rows)
-    return x
+    return x[:kept], rows - kept
 
 
 def project_file(
@@ -450,39 +475,47 @@ def project_file(
     ``reduce/`` group holding the projection. Written under a temporary name, then renamed.
     Returns the number of rows."""
     source, dest = Path(source), Path(dest)
-    attrs = _open_source(source)
-    _check_dest(source, dest, overwrite)
-    check_projection(projection, attrs)
-    target = _device(device)
     advice = "nothing was written; free space or choose another destination, then run again"
-    with (
-        written_atomically(dest, advice) as tmp,
-        h5py.File(source, "r", locking=False) as src,
-        h5py.File(tmp, "w", locking=False) as out,
-    ):
-        features = src["features"]
-        n, d = features.shape
+    with open_output(source) as opened:
+        check_destinations([dest], [source], overwrite=overwrite)
+        check_projection(projection, opened.attrs)
+        target = _device(device)
+        n, d = opened.rows, opened.dim
         if d != projection.input_dim:
             raise ConfigError(
                 f"{source.name} has {d}-value vectors, the projection takes {projection.input_dim}"
             )
-        step = block_rows or block_rows_for(d, features.dtype.itemsize)
+        step = block_rows or block_rows_for(d, opened.features.dtype.itemsize)
         chunk = max(1, min(max(n, 1), (1 << 20) // (4 * projection.dim)))
-        target_ds = out.create_dataset(
-            "features",
-            shape=(n, projection.dim),
-            dtype=np.float32,
-            chunks=(chunk, projection.dim),
-        )
-        with torch.inference_mode():
-            for start in range(0, n, step):
-                block = torch.from_numpy(features[start : start + step]).to(target)
-                target_ds[start : start + len(block)] = projection.apply(block).cpu().numpy()
-                if progress is not None:
-                    progress(start + len(block), n)
-        copy_as_merged(src, out, skip=("features", "reduce"))
-        _write_projection(out.create_group("reduce"), projection)
-    return n
+        with written_atomically(dest, advice) as fh, h5py.File(fh, "w") as out:
+            target_ds = out.create_dataset(
+                "features",
+                shape=(n, projection.dim),
+                maxshape=(None, projection.dim),
+                dtype=np.float32,
+                chunks=(chunk, projection.dim),
+            )
+            kept, left_out = 0, []  # rows that are not finite become failures
+            with torch.inference_mode():
+                for start in range(0, n, step):
+                    block = opened.read(start, start + step)
+                    finite = np.isfinite(block).all(axis=1)
+                    left_out += (start + np.flatnonzero(~finite)).tolist()
+                    x = torch.from_numpy(block[finite]).to(target)
+                    target_ds[kept : kept + len(x)] = projection.apply(x).cpu().numpy()
+                    kept += len(x)
+                    fh.check()  # a write error or a signal's exception, at once
+                    if progress is not None:
+                        progress(start + len(block), n)
+            target_ds.resize((kept, projection.dim))
+            copy_as_merged(
+                opened.file,
+                out,
+                skip=("features", "reduce"),
+                failing=(np.asarray(left_out, np.int64), "non_finite", NON_FINITE),
+            )
+            _write_projection(out.create_group("reduce"), projection)
+    return kept
 
 
 def full_output(output: Path) -> Path:
@@ -545,8 +578,8 @@ def reduce(
     projected, to ``dest`` (``project_file``). Everything is checked before anything is
     written; returns the projection."""
     source, dest = Path(source), Path(dest)
-    _open_source(source)
-    _check_dest(source, dest, overwrite)
+    with open_output(source):  # refused before the fit: a bad source or destination
+        check_destinations([dest], [source], overwrite=overwrite)
     fitted = fit_projection(
         source,
         dim=dim,
@@ -601,32 +634,37 @@ def _unkey(keys: Tensor) -> tuple[Tensor, Tensor]:
 def topk_cosine(
     queries: Tensor,
     first_query: int,
-    database: Iterator[tuple[int, Tensor]],
+    database: Iterator[tuple[int, Tensor, Tensor]],
     k: int,
 ) -> tuple[Tensor, Tensor]:
     """Top-``k`` database rows by dot product for each query row (all rows L2-normalised, so
     the dot is the cosine). ``queries``: Tensor[q, D], rows ``first_query...`` of the same
-    database (a row never matches itself); ``database``: (first row, Tensor[m, D]) blocks.
-    Returns (index Tensor[q, k] int64, similarity Tensor[q, k] float32), similarity
-    descending, equal similarities by lower row first."""
+    database (a row never matches itself); ``database``: (first row, Tensor[m, D], left out
+    Tensor[m] bool) blocks; rows left out are never anyone's neighbour. Returns (index
+    Tensor[q, k] int64, similarity Tensor[q, k] float32), similarity descending, equal
+    similarities by lower row first."""
     q = queries.shape[0]
     best = torch.full(
         (q, k), torch.iinfo(torch.int64).min, dtype=torch.int64, device=queries.device
     )
     own = torch.arange(q, device=queries.device)
-    for first, block in database:
+    for first, block, left_out in database:
         sim = queries @ block.T  # (q, m)
         column = own + first_query - first  # where each query's own row is in this block
         mine = (column >= 0) & (column < block.shape[0])
         sim[own[mine], column[mine]] = -math.inf
+        sim[:, left_out] = -math.inf
         best = torch.cat([best, _block_topk(sim, first, k)], 1).topk(k, dim=1).values  # (q, k)
     return _unkey(best)
 
 
 @dataclass
 class Neighbors:
-    index: np.ndarray  # (N, k) int64 row numbers
-    similarity: np.ndarray  # (N, k) float32, descending
+    index: np.ndarray  # (N, k) int64 row numbers; -1 for the rows left out
+    similarity: np.ndarray  # (N, k) float32, descending; 0 for the rows left out
+    # rows whose vectors are not finite: in no list, and with no list of their own
+    excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    excluded_paths: list[str] = field(default_factory=list)
 
 
 def neighbors(
@@ -644,39 +682,72 @@ def neighbors(
     database blocks with a running top-k: memory is a few blocks (``block_rows``, default
     about 256 MiB of float32 and at most 4,096 rows), plus the normalised database itself when
     it fits ``memory_bytes`` (otherwise it is read again for each query block)."""
-    path = Path(path)
-    _open_source(path)
-    target = _device(device)
-    with h5py.File(path, "r", locking=False) as f:
-        ds = f["features"]
-        n, d = ds.shape
-        if not 1 <= k <= n - 1:
-            raise ConfigError(
-                f"k {k} is invalid for {path.name}: it has {n} rows, so each has at "
-                f"most {max(n - 1, 0)} neighbours; choose k from 1 to {max(n - 1, 0)}"
-                if n > 1
-                else f"{path.name} has {n} rows: nothing to compare"
-            )
-        step = block_rows or min(4096, block_rows_for(d, 4))
+    with open_output(path) as opened:
+        return search(
+            opened,
+            k,
+            device=device,
+            block_rows=block_rows,
+            memory_bytes=memory_bytes,
+            progress=progress,
+        )
 
-        def read(start: int) -> Tensor:
-            return l2_normalize(torch.from_numpy(ds[start : start + step]).to(target).float())
 
-        cache = [(s, read(s)) for s in range(0, n, step)] if n * d * 4 <= memory_bytes else None
+def search(
+    opened: OutputFile,
+    k: int,
+    *,
+    device: str | torch.device | None = None,
+    block_rows: int | None = None,
+    memory_bytes: int = 2 << 30,
+    progress: Progress | None = None,
+) -> Neighbors:
+    """``neighbors`` of an open file."""
+    path, target = opened.path, _device(device)
+    n, d = opened.rows, opened.dim
+    step = block_rows or min(4096, block_rows_for(d, 4))
 
-        def database() -> Iterator[tuple[int, Tensor]]:
-            return iter(cache) if cache is not None else ((s, read(s)) for s in range(0, n, step))
+    def read(start: int) -> tuple[int, Tensor, Tensor]:
+        block = opened.read(start, start + step)
+        left_out = ~np.isfinite(block).all(axis=1)
+        x = torch.from_numpy(block).to(target).float()
+        x[torch.from_numpy(left_out).to(target)] = 0.0
+        return start, l2_normalize(x), torch.from_numpy(left_out).to(target)
 
-        index = np.empty((n, k), np.int64)
-        similarity = np.empty((n, k), np.float32)
-        with torch.inference_mode():
-            for first, queries in database():
-                rows, sims = topk_cosine(queries, first, database(), k)
-                index[first : first + len(queries)] = rows.cpu().numpy()
-                similarity[first : first + len(queries)] = sims.cpu().numpy()
-                if progress is not None:
-                    progress(first + len(queries), n)
-    return Neighbors(index, similarity)
+    starts = range(0, n, step)
+    if n * d * 4 <= memory_bytes:
+        cache = [read(s) for s in starts]
+        left_out = [b[2].cpu().numpy() for b in cache]
+    else:
+        cache = None
+        left_out = [~np.isfinite(opened.read(s, s + step)).all(axis=1) for s in starts]
+    excluded = np.flatnonzero(np.concatenate(left_out)) if n else np.zeros(0, np.int64)
+    usable = n - len(excluded)
+    if not 1 <= k <= usable - 1:
+        not_finite = f" ({len(excluded)} of {n} rows are not finite)" if len(excluded) else ""
+        raise ConfigError(
+            f"k {k} is invalid for {path.name}: it has {usable} usable rows{not_finite}, so "
+            f"each has at most {max(usable - 1, 0)} neighbours; choose k from 1 to "
+            f"{max(usable - 1, 0)}"
+            if usable > 1
+            else f"{path.name} has {usable} usable rows{not_finite}: nothing to compare"
+        )
+
+    def database() -> Iterator[tuple[int, Tensor, Tensor]]:
+        return iter(cache) if cache is not None else (read(s) for s in starts)
+
+    index = np.empty((n, k), np.int64)
+    similarity = np.empty((n, k), np.float32)
+    with torch.inference_mode():
+        for first, queries, _ in database():
+            rows, sims = topk_cosine(queries, first, database(), k)
+            index[first : first + len(queries)] = rows.cpu().numpy()
+            similarity[first : first + len(queries)] = sims.cpu().numpy()
+            if progress is not None:
+                progress(first + len(queries), n)
+    index[excluded], similarity[excluded] = -1, 0.0  # no list for a row that is not finite
+    paths = opened.file["paths"].asstr()
+    return Neighbors(index, similarity, excluded, list(paths[excluded]) if len(excluded) else [])
 
 
 def pairs_above(found: Neighbors, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -687,7 +758,7 @@ def pairs_above(found: Neighbors, threshold: float) -> tuple[np.ndarray, np.ndar
     a = np.repeat(np.arange(n, dtype=np.int64), k)
     b = found.index.ravel()
     s = found.similarity.ravel()
-    keep = s >= threshold
+    keep = (s >= threshold) & (b >= 0)  # -1: a row left out has no list
     a, b, s = a[keep], b[keep], s[keep]
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     order = np.lexsort((a != lo, hi, lo))  # by (lo, hi), the lower row's own view first
@@ -712,26 +783,26 @@ def find_neighbors(
     ``neighbors/similarity``, the source's ``paths`` and ``path_bytes``) and, with ``pairs``,
     the near-duplicate pairs (``pairs_above(threshold)``) as CSV ``path_a,path_b,similarity``."""
     source = Path(source)
-    _open_source(source)
     if dest is None and pairs is None:
         raise ConfigError(f"nothing to write; give {option('output')} and/or {option('pairs')}")
     if not (math.isfinite(threshold) and -1 <= threshold <= 1):
         raise ConfigError(f"threshold {threshold} is invalid; expected a cosine from -1 to 1")
-    for out in (dest, pairs):
-        if out is not None:
-            _check_dest(source, Path(out), overwrite)
-    found = neighbors(source, k, device=device, progress=progress)
-    with h5py.File(source, "r", locking=False) as src:
+    with open_output(source) as opened:
+        src = opened.file
+        outputs = [Path(out) for out in (dest, pairs) if out is not None]
+        check_destinations(outputs, [source], overwrite=overwrite)
+        found = search(opened, k, device=device, progress=progress)
         if dest is not None:
             dest = Path(dest)
             advice = "nothing was written; free space or choose another destination, then run again"
             with (
-                written_atomically(dest, advice) as tmp,
-                h5py.File(tmp, "w", locking=False) as out,
+                written_atomically(dest, advice) as fh,
+                h5py.File(fh, "w") as out,
             ):
                 group = out.create_group("neighbors")
                 group.create_dataset("index", data=found.index)
                 group.create_dataset("similarity", data=found.similarity)
+                group.create_dataset("excluded", data=found.excluded, dtype=np.int64)
                 for name in ("paths", "path_bytes"):
                     src.copy(src[name], out, name=name)
                 out.attrs.update(
@@ -759,9 +830,9 @@ def find_neighbors(
 def _write_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
     advice = "the pairs were not written; free space or choose another file, then run again"
     with (
-        written_atomically(path, advice) as tmp,
-        open(tmp, "w", newline="", encoding="utf-8") as fh,
+        written_atomically(path, advice) as fh,
+        io.TextIOWrapper(fh, encoding="utf-8", newline="") as text,
     ):
-        writer = csv.writer(fh)
+        writer = csv.writer(text)
         writer.writerow(["path_a", "path_b", "similarity"])
         writer.writerows(rows)

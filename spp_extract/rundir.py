@@ -23,9 +23,9 @@ from . import images
 from .backbones import ResolvedModel
 from .config import Config, resolved_config, to_toml
 from .errors import ConfigError, OutputError, option, printable
+from .outputs import identify
 from .shards import next_attempt, remove_partial
 from .storage import remove_stale_tmp, shards_root
-from .view import identify
 
 log = logging.getLogger(__name__)
 

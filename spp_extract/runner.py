@@ -22,7 +22,7 @@ from .backbones import Trunk
 from .compute import Extractor, Result
 from .config import Config
 from .decoding import Batch, Item, decoded_batches, file_stat, read_sizes
-from .errors import ImageError, Interrupted
+from .errors import ConfigError, ImageError, Interrupted, option
 from .planning import BUCKET, Planner, partition
 from .records import RowMeta
 from .rundir import source_of
@@ -90,16 +90,24 @@ def run_share(
         pin_memory=runtime.device.type == "cuda",
         caught=caught,
     )
+    first: list[Result] | None = []  # the first results, judged before the first commit
     try:
         with contextlib.closing(batches):  # on any exit: the decode workers stop at once
             for batch in batches:
+                if first is not None and (len(first) >= FIRST_IMAGES or sink.moves_on(batch)):
+                    refuse_if_mostly_non_finite(first, config)
+                    first = None
                 sink.begin(batch)
                 results = extractor(batch.pixels, batch.metas) if batch.pixels is not None else []
+                if first is not None:
+                    first += results
                 sink.record(batch, results)
                 if progress:
                     progress(sink.done, len(work))
                 if caught:
                     raise Interrupted(caught[0])
+        if first is not None:
+            refuse_if_mostly_non_finite(first, config)
         sink.finish()
     except Interrupted:
         sink.keep()  # everything computed so far, the open shard with its missing rows
@@ -110,6 +118,34 @@ def run_share(
     finally:
         sink.close()
     return len(work), sink.failures
+
+
+# A run's first results (at least this many, or all before its first commit) are judged
+# together: if at least half are non-finite vectors, a setting is the cause.
+FIRST_IMAGES = 16
+
+
+def refuse_if_mostly_non_finite(first: Sequence[Result], config: Config) -> None:
+    """If at least half of a run's ``first`` results are non-finite vectors, a setting, not
+    the images, is the likely cause: the run stops (ConfigError) instead of filling the file
+    with failures."""
+    failures = [r for r in first if isinstance(r, ImageError) and r.kind == "non_finite"]
+    if not failures or 2 * len(failures) < len(first):
+        return
+    if any("float16 overflow" in f.message for f in failures):
+        cause = f"{option('dtype', 'float16')} overflows; use {option('dtype', 'float32')}"
+    elif config.precision == "fp16":
+        cause = (
+            f"{option('precision', 'fp16')} overflows; use {option('precision', 'bf16')} or fp32"
+        )
+    else:
+        cause = "the trunk itself gives NaN or inf; check the weights"
+    if config.std and min(config.std) < 1e-3:
+        cause += f", and std = {list(config.std)} (tiny values blow the inputs up)"
+    raise ConfigError(
+        f"{len(failures)} of the first {len(first)} images gave non-finite vectors "
+        f"({failures[0].message}): {cause}; nothing was kept"
+    )
 
 
 def left_to_do(refs: Sequence[images.ImageRef], run_dir: Path, retry_failed: bool) -> list[int]:
@@ -177,9 +213,16 @@ class ShardSink:
         self.window = -1
         self.window_started = time.monotonic()
 
+    def _window_of(self, batch: Batch) -> int:
+        return self.planner.window_of((batch.indices + [it.index for it in batch.failures])[0])
+
+    def moves_on(self, batch: Batch) -> bool:
+        """Whether ``batch`` would commit the open window (``begin``)."""
+        return self.window >= 0 and self._window_of(batch) != self.window
+
     def begin(self, batch: Batch) -> None:
         """Called before ``batch`` is computed: a new window commits the one before."""
-        window = self.planner.window_of((batch.indices + [it.index for it in batch.failures])[0])
+        window = self._window_of(batch)
         if window != self.window:
             if self.window >= 0:
                 elapsed = time.monotonic() - self.window_started

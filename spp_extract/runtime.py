@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -182,28 +183,46 @@ class Runtime:
             torch.backends.cudnn.benchmark = self.padded
 
 
-@contextlib.contextmanager
-def process_settings_restored() -> Iterator[None]:
-    """A run sets compute threads, TF32/cuDNN flags and the CUDA device; the caller gets its
-    own back afterwards."""
-    threads = torch.get_num_threads()
-    flags = (
+def _settings() -> tuple[Any, ...]:
+    return (
+        torch.get_num_threads(),
         torch.backends.cuda.matmul.allow_tf32,
         torch.backends.cudnn.allow_tf32,
         torch.backends.cudnn.benchmark,
+        torch.cuda.current_device() if torch.cuda.is_initialized() else None,
     )
-    cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+
+def _restore(saved: tuple[Any, ...]) -> None:
+    threads, matmul, cudnn, benchmark, cuda_device = saved
+    torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32 = cudnn
+    torch.backends.cudnn.benchmark = benchmark
+    if cuda_device is not None:
+        torch.cuda.set_device(cuda_device)
+
+
+_SETTINGS_LOCK = threading.Lock()
+_runs_in_process: list[Any] = [0, None]  # runs under way in this process, the caller's settings
+
+
+@contextlib.contextmanager
+def process_settings_restored() -> Iterator[None]:
+    """A run sets compute threads, TF32/cuDNN flags and the CUDA device; the caller gets its
+    own back afterwards. Runs in several threads at once share them: the settings from
+    before the first are put back when the last ends."""
+    with _SETTINGS_LOCK:
+        if _runs_in_process[0] == 0:
+            _runs_in_process[1] = _settings()
+        _runs_in_process[0] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
-        (
-            torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32,
-            torch.backends.cudnn.benchmark,
-        ) = flags
-        if cuda_device is not None:
-            torch.cuda.set_device(cuda_device)
+        with _SETTINGS_LOCK:
+            _runs_in_process[0] -= 1
+            if _runs_in_process[0] == 0:
+                _restore(_runs_in_process[1])
 
 
 T = TypeVar("T")

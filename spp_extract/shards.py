@@ -27,6 +27,7 @@ from .storage import (
     STATUS_MISSING,
     STATUS_OK,
     STR,
+    GuardedFile,
     bytes_array,
     check_space,
     disk_error,
@@ -62,7 +63,8 @@ class ShardWriter:
         # at close), so refuse up front when the whole shard would not fit.
         check_space(directory, len(keys) * (dim * self.dtype.itemsize + 512) + (1 << 20))
         try:
-            self._file = h5py.File(self.tmp, "w", libver="latest", locking=False)
+            self._guard = GuardedFile(self.tmp)  # HDF5 never sees a failed write (see there)
+            self._file = h5py.File(self._guard, "w", libver="latest")
             rows = max(1, min(len(keys), (1 << 20) // max(1, dim * self.dtype.itemsize)))
             self._features = self._file.create_dataset(
                 "features", shape=(len(keys), dim), dtype=self.dtype, chunks=(rows, dim)
@@ -75,7 +77,10 @@ class ShardWriter:
         """Store vectors (``ndarray[n, D]``) for the given window positions."""
         order = np.argsort(positions)
         try:
-            self._features[np.asarray(positions)[order]] = vectors[order].astype(self.dtype)
+            self._features[np.asarray(positions)[order]] = vectors[order].astype(
+                self.dtype, copy=False
+            )
+            self._guard.check()
         except (OSError, RuntimeError) as exc:
             raise disk_error(exc, self.tmp) from None
         for position, meta in zip(positions, metas, strict=True):
@@ -106,15 +111,16 @@ class ShardWriter:
                 f.create_dataset(name, data=[getattr(m, name) for m in metas], dtype=dtype)
             f.create_dataset("error_class", data=[m.error_class for m in metas], dtype=STR)
             f.create_dataset("error", data=[printable(m.error) for m in metas], dtype=STR)
-            f.flush()
             f.close()
-            with open(self.tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+            self._guard.check()
+            os.fsync(self._guard.fd)
             os.replace(self.tmp, self.final)
             fsync_dir(self.final.parent)
         except (OSError, RuntimeError) as exc:
+            error = self._guard.error or exc
             self.discard()
-            raise disk_error(exc, self.tmp) from None
+            raise disk_error(error, self.tmp) from None
+        self._guard.release()
         return self.final
 
     def discard(self) -> None:
@@ -123,6 +129,7 @@ class ShardWriter:
         except Exception:  # noqa: BLE001 - closing a broken file must not hide the real error
             pass
         self.tmp.unlink(missing_ok=True)
+        self._guard.release()
 
 
 def shard_name(attempt: int, rank: int, seq: int) -> str:

@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .masking import meta_copy, valid_mask
+from .memory import MemoryModel
 from .pooling import PoolingMode
 
 Span = tuple[int, int]  # [start, stop)
@@ -326,6 +327,86 @@ def fitting_core(
                 candidate = (rsum * csum, rn * cn, rc, cc)
                 best = candidate if best is None else min(best, candidate)
     return (1, 1) if best is None else (best[2], best[3])
+
+
+# Tiling may cost at most this many times what the whole image costs (halos overlap).
+MAX_TILING_COST = 32
+# What one more tile costs beyond its pixels (a forward call through every layer), in pixels
+# of compute: measured on CPU, a resnet18 forward of a 32 x 32 input takes as long as about
+# 9,000 pixels of a large input, resnet50's about 10,000.
+TILE_CALL_PIXELS = 16_384
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How one image runs within a memory budget: its tiles, and whether the SPP bins are
+    accumulated tile by tile (``stream``: the stitched map itself would not fit)."""
+
+    plan: TilePlan
+    stream: bool
+
+    @property
+    def cost(self) -> int:
+        """Pixels computed, halos included, plus each tile's call (``TILE_CALL_PIXELS``)."""
+        work = sum((t.rows[1] - t.rows[0]) * (t.cols[1] - t.cols[0]) for t in self.plan.tiles)
+        return work + len(self.plan) * TILE_CALL_PIXELS
+
+    @property
+    def sensible(self) -> bool:
+        """Whether it costs at most ``MAX_TILING_COST`` times the whole image's run."""
+        h, w = self.plan.size
+        return self.cost <= MAX_TILING_COST * (h * w + TILE_CALL_PIXELS)
+
+    @property
+    def times_over(self) -> float:
+        h, w = self.plan.size
+        return self.cost / (h * w + TILE_CALL_PIXELS)
+
+
+def smallest_tile(field: ReceptiveField) -> int:
+    """Side of the smallest sensible tile: its halos and one output cell."""
+    return max(field.rows.hi - field.rows.lo, field.cols.hi - field.cols.lo) + max(field.stride)
+
+
+def choose_tiling(
+    field: ReceptiveField,
+    size: tuple[int, int],
+    out_size: tuple[int, int],
+    channels: int,
+    memory: MemoryModel,
+    budget: int,
+) -> Tiling:
+    """Tiles for an input of ``size`` (uint8, held whole) whose whole map is ``out_size``
+    with ``channels``, each tile's forward within ``budget`` bytes beside the image and (if
+    it fits) the stitched map; without room for the map, SPP is accumulated tile by tile."""
+    held = 3 * size[0] * size[1]
+    fmap = channels * out_size[0] * out_size[1] * 4
+    least = smallest_tile(field)
+    stream = budget - held - fmap < memory.peak(least, least)
+    room = budget - held - (0 if stream else fmap)
+    core = fitting_core(field, size, out_size, memory.pixels_within(room))
+    return Tiling(plan_tiles(field, size, out_size, core), stream)
+
+
+def smallest_budget(
+    field: ReceptiveField,
+    size: tuple[int, int],
+    out_size: tuple[int, int],
+    channels: int,
+    memory: MemoryModel,
+    budget: int,
+) -> int:
+    """The least budget, from ``budget`` up, under which an input of ``size`` runs whole or
+    in sensible tiles (``Tiling.sensible``)."""
+    whole = memory.peak(*size)
+    low, high = budget, max(budget, whole)  # high always works: the whole image fits
+    while low < high:
+        middle = (low + high) // 2
+        if choose_tiling(field, size, out_size, channels, memory, middle).sensible:
+            high = middle
+        else:
+            low = middle + 1
+    return high
 
 
 Prepare = Callable[[Tensor, Tile], Tensor]

@@ -10,15 +10,15 @@ shard before a view is read.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from .errors import ConfigError, OutputError, option, printable
+from .errors import OutputError, option, printable
+from .outputs import OutputFile, open_output
 from .shards import Record, read_state
 from .storage import (
     BYTES,
@@ -27,10 +27,10 @@ from .storage import (
     STATUS_OK,
     STR,
     bytes_array,
+    check_destinations,
     check_space,
     copy_as_merged,
     key_text,
-    shards_root,
     written_atomically,
 )
 
@@ -51,10 +51,6 @@ def _vds_name(path: str) -> str:
     # HDF5 reads virtual-dataset source file names as printf-like patterns ("%b" = the view's
     # own name, "%%" = "%"), so a literal "%" must be doubled.
     return path.replace("%", "%%")
-
-
-def _vds_unname(name: str) -> str:
-    return re.sub("%%", "%", name)
 
 
 def assemble(
@@ -90,10 +86,10 @@ def assemble(
     ok = [(k, r) for k, r in records if r.status == STATUS_OK]
     failed = [(k, r) for k, r in records if r.status == STATUS_FAILED]
     check_space(output.parent, len(records) * 400 + (1 << 20))
-    with written_atomically(output) as tmp:
+    with written_atomically(output) as fh:
         handles = {i: h5py.File(p, "r", locking=False) for i, p in enumerate(state.shards)}
         try:
-            with h5py.File(tmp, "w", locking=False) as out:
+            with h5py.File(fh, "w") as out:
                 layout = h5py.VirtualLayout(shape=(len(ok), dim), dtype=np.dtype(dtype))
                 for shard, row, count, start in _runs((r.shard, r.row) for _, r in ok):
                     source_path = os.path.relpath(state.shards[shard], output.parent)
@@ -154,96 +150,40 @@ def _write_failed(
     group.create_dataset("errors", data=_gather(records, handles, "error", STR, None), dtype=STR)
 
 
-def identify(path: Path) -> dict[str, Any]:
-    """The root attributes of an spp-extract file; ConfigError (one line) for anything else:
-    a missing path, a folder, a file that is not HDF5, an HDF5 file this tool did not write."""
-    if path.is_dir():
-        raise ConfigError(f"'{path}' is a folder; give an spp-extract .h5 file")
-    if not path.exists():
-        raise ConfigError(f"'{path}' does not exist")
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            attrs = dict(f.attrs)
-            names = set(f.keys())
-    except OSError as exc:
-        detail = "not an HDF5 file" if not h5py.is_hdf5(path) else printable(str(exc))
-        raise ConfigError(f"'{path}' is not an spp-extract file ({detail})") from None
-    if "format_version" not in attrs or not {"features", "paths", "failed"} <= names:
-        raise ConfigError(
-            f"'{path}' is an HDF5 file that spp-extract did not write (no format_version "
-            "attribute or no features/paths datasets)"
-        )
-    return attrs
-
-
-def check_sources(path: Path) -> None:
-    """Refuse a view whose shard files are missing or unreadable (HDF5 would read them as fill
-    values): each source is opened as HDF5 would open it, relative to the view's folder."""
-    identify(path)
-    with h5py.File(path, "r", locking=False) as f:
-        ds = f["features"]
-        if not ds.is_virtual:
-            return
-        sources = sorted({_vds_unname(m.file_name) for m in ds.virtual_sources()})
-        dim = ds.shape[1]
-    missing, broken = [], []
-    for name in sources:
-        source = path.parent / name
-        if not source.is_file():
-            missing.append(name)
-            continue
-        try:
-            with h5py.File(source, "r", locking=False) as shard:
-                if shard["features"].shape[1] != dim:
-                    broken.append(name)
-        except (OSError, KeyError):
-            broken.append(name)
-    if missing:
-        expected = os.path.dirname(os.path.dirname(missing[0])) or "."
-        raise OutputError(
-            f"{path} is a view over shard files, and {len(missing)} are missing (first: "
-            f"{missing[0]}); it expects its shards folder at '{path.parent / expected}' — keep "
-            "or rename that folder back beside it (renaming the output alone is fine), or use "
-            "`spp-extract merge` for a self-contained copy"
-        )
-    if broken:
-        raise OutputError(
-            f"{path} is a view over shard files, and {len(broken)} cannot be read (first: "
-            f"{broken[0]}); move it away and continue the run that wrote it with "
-            f"{option('resume')} to redo its images"
-        )
-
-
-def merge(source: Path, dest: Path, *, block_rows: int = 1024) -> int:
-    """Copy a view (or any spp-extract file) into a self-contained file; returns rows."""
-    check_sources(source)
-    if dest.is_dir():
-        raise ConfigError(f"'{dest}' is a folder; give a file name for the merged copy")
-    if not dest.parent.is_dir():
-        raise ConfigError(f"folder '{dest.parent}' does not exist; create it first")
-    root = shards_root(source).resolve()
-    if dest.resolve() == source.resolve() or dest.resolve().is_relative_to(root):
-        raise ConfigError(
-            f"'{dest}' is {source.name} itself or inside its shards folder; write the merged "
-            "copy somewhere else"
-        )
+def merge(
+    source: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    block_rows: int = 1024,
+) -> int:
+    """Copy a view (or any spp-extract file) into a self-contained file; returns rows. An
+    existing ``dest`` is replaced only with ``overwrite``."""
+    source, dest = Path(source), Path(dest)
     advice = "nothing was written; free space or choose another destination, then run merge again"
-    with (
-        written_atomically(dest, advice) as tmp,
-        h5py.File(source, "r", locking=False) as src,
-        h5py.File(tmp, "w") as out,
-    ):
-        features = src["features"]
-        n, dim = features.shape
-        rows = max(1, min(max(n, 1), (1 << 20) // max(1, dim * features.dtype.itemsize)))
-        target = out.create_dataset(
-            "features",
-            shape=(n, dim),
-            dtype=features.dtype,
-            chunks=(rows, dim),
-            maxshape=(None, dim),
-        )
-        for start in range(0, n, block_rows):
-            target[start : start + block_rows] = features[start : start + block_rows]
-        copy_as_merged(src, out)
+    with open_output(source) as opened:
+        check_destinations([dest], [source], overwrite=overwrite)
+        n, dim, itemsize = opened.rows, opened.dim, opened.features.dtype.itemsize
+        check_space(dest.parent, n * dim * itemsize + (1 << 20), advice)
+        with written_atomically(dest, advice) as fh, h5py.File(fh, "w") as out:
+            _copy(opened, out, block_rows, fh.check)
     return n
+
+
+def _copy(opened: OutputFile, out: h5py.File, block_rows: int, check: Callable[[], None]) -> None:
+    """``opened`` into ``out`` as one self-contained file, ``block_rows`` rows at a time;
+    ``check()`` after each block raises a write error or a signal's exception at once."""
+    src, features = opened.file, opened.features
+    n, dim = features.shape
+    rows = max(1, min(max(n, 1), (1 << 20) // max(1, dim * features.dtype.itemsize)))
+    target = out.create_dataset(
+        "features",
+        shape=(n, dim),
+        dtype=features.dtype,
+        chunks=(rows, dim),
+        maxshape=(None, dim),
+    )
+    for start in range(0, n, block_rows):
+        target[start : start + block_rows] = opened.read(start, start + block_rows)
+        check()
+    copy_as_merged(src, out)

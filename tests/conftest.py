@@ -16,10 +16,15 @@ CRASH_RUNNER = Path(__file__).with_name("crash_runner.py")  # the CLI with a fau
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone")
 sys.path.insert(0, str(ROOT / "examples"))
 
+import h5py  # noqa: E402
 from make_examples import make_examples  # noqa: E402
 from make_examples import photo as make_examples_photo  # noqa: E402
 
-from spp_extract import images  # noqa: E402
+import spp_extract  # noqa: E402
+from spp_extract import Config, images  # noqa: E402
+from spp_extract.storage import ROW_FIELDS  # noqa: E402
+
+FAST_CONFIG = Config(backbone="resnet18", weights="none", workers=0)
 from spp_extract.backbones import Trunk  # noqa: E402
 
 
@@ -41,6 +46,40 @@ def example_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("examples")
     make_examples(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def real_h5(example_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example photos through resnet18 (random weights): a view over shards."""
+    out = tmp_path_factory.mktemp("real") / "features.h5"
+    spp_extract.extract([example_dir], out, config=FAST_CONFIG)
+    return out
+
+
+def synthetic(path: Path, features: np.ndarray, template: Path) -> Path:
+    """An spp-extract file (merged layout) holding ``features``, attributes and failures
+    taken from a real file, per-row datasets made up."""
+    n, d = features.shape
+    with h5py.File(template, "r") as src, h5py.File(path, "w") as out:
+        out.create_dataset("features", data=features)
+        names = [f"img{i:05d}.jpg" for i in range(n)]
+        out.create_dataset("paths", data=names, dtype=h5py.string_dtype("utf-8"))
+        raw = np.empty(n, dtype=object)
+        raw[:] = [np.frombuffer(p.encode(), np.uint8) for p in names]
+        out.create_dataset("path_bytes", data=raw, dtype=h5py.vlen_dtype(np.dtype("uint8")))
+        for name, (dtype, width) in ROW_FIELDS.items():
+            shape = (n, width) if width else (n,)
+            data = (
+                np.full(shape, "RGB", object)
+                if name == "mode"
+                else np.arange(np.prod(shape)).reshape(shape)
+            )
+            out.create_dataset(name, data=data, dtype=dtype)
+        src.copy(src["failed"], out, name="failed")
+        out.attrs.update(src.attrs)
+        out.attrs.update(layout="merged", feature_dim=d)
+        del out.attrs["shards"]
+    return path
 
 
 def refuse_listing(monkeypatch: pytest.MonkeyPatch, folder_name: str) -> None:

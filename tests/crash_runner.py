@@ -11,6 +11,8 @@ FAULT is one of:
   enospc-in-put:N     the N-th vector write fails with ENOSPC (disk full)
   slow:SECONDS        every decode sleeps this long (to signal a run mid-way)
   slow-build:SECONDS  loading the model takes this much longer (a race with another run)
+  slow-read:SECONDS   every block read from an spp-extract file sleeps this long first (merge,
+                      reduce, neighbours), after touching $SPP_TEST_MARKER
   rank=N/FAULT        FAULT in torchrun rank N only
   none
 
@@ -112,6 +114,18 @@ def install(fault: str) -> None:
             return original_build(*args, **kwargs)
 
         pipeline.build_trunk = slow_build
+    elif name == "slow-read":
+        from spp_extract import outputs
+
+        original_read = outputs.OutputFile.read
+
+        def slow_read(self, start, stop):  # noqa: ANN001, ANN202
+            if marker := os.environ.get("SPP_TEST_MARKER"):
+                open(marker, "w").close()
+            time.sleep(float(arg))
+            return original_read(self, start, stop)
+
+        outputs.OutputFile.read = slow_read
     elif name == "build-fails-on-rank":
         from spp_extract import ConfigError, pipeline
 

@@ -44,7 +44,7 @@ def test_a_run_that_started_first_holds_the_output_while_its_model_loads(tmp_pat
     """B starts (slow model load), A starts on the same output: A must be refused, never
     finish and then be replaced by B, which would delete A's shards."""
     out = tmp_path / "out.h5"
-    slow = _cli("slow-build:6", folder, "-o", out, wait=False)
+    slow = _cli("slow-build:15", folder, "-o", out, wait=False)  # outlasts a loaded start-up
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (shards_root(out) / ".lock").exists():
         time.sleep(0.05)

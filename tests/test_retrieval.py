@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic
 from PIL import Image, ImageEnhance, ImageOps
 from typer.testing import CliRunner
 
@@ -38,40 +39,6 @@ FAST = Config(backbone="resnet18", weights="none", workers=0)
 
 def _run(*args: object):
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="session")
-def real_h5(example_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example photos through resnet18 (random weights): a view over shards."""
-    out = tmp_path_factory.mktemp("real") / "features.h5"
-    spp_extract.extract([example_dir], out, config=FAST)
-    return out
-
-
-def synthetic(path: Path, features: np.ndarray, template: Path) -> Path:
-    """An spp-extract file (merged layout) holding ``features``, attributes and failures
-    taken from a real file, per-row datasets made up."""
-    n, d = features.shape
-    with h5py.File(template, "r") as src, h5py.File(path, "w") as out:
-        out.create_dataset("features", data=features)
-        names = [f"img{i:05d}.jpg" for i in range(n)]
-        out.create_dataset("paths", data=names, dtype=h5py.string_dtype("utf-8"))
-        raw = np.empty(n, dtype=object)
-        raw[:] = [np.frombuffer(p.encode(), np.uint8) for p in names]
-        out.create_dataset("path_bytes", data=raw, dtype=h5py.vlen_dtype(np.dtype("uint8")))
-        for name, (dtype, width) in ROW_FIELDS.items():
-            shape = (n, width) if width else (n,)
-            data = (
-                np.full(shape, "RGB", object)
-                if name == "mode"
-                else np.arange(np.prod(shape)).reshape(shape)
-            )
-            out.create_dataset(name, data=data, dtype=dtype)
-        src.copy(src["failed"], out, name="failed")
-        out.attrs.update(src.attrs)
-        out.attrs.update(layout="merged", feature_dim=d)
-        del out.attrs["shards"]
-    return path
 
 
 def spectrum_matrix(n: int, d: int, seed: int = 0, decay: float = 0.8) -> np.ndarray:

@@ -342,8 +342,9 @@ def test_shards_without_tiles_read_as_zero(tmp_path):
     import h5py
 
     from spp_extract import extract
+    from spp_extract.outputs import identify
     from spp_extract.storage import shards_root
-    from spp_extract.view import assemble, identify
+    from spp_extract.view import assemble
 
     inputs = _images(tmp_path / "in", {"a": (40, 50), "b": (50, 40)})
     out = tmp_path / "out.h5"

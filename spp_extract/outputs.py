@@ -1,0 +1,363 @@
+"""Opening an spp-extract file for reading: the one way every reader (``read_features``,
+``iter_features``, ``inspect``, ``merge``, ``reduce``, projections, neighbours) gets at it.
+
+- ``identify``: the root attributes say this tool wrote it.
+- ``validate``: one check of the layout — shapes, dtypes, lengths that match, a declared size
+  that the file (or a view's shard files) really holds. A file that fails it is refused with
+  one line (ConfigError, exit 2) before anything reads it.
+- A view's run folder is *held* (a shared ``flock`` on the folder) while the file is open: a
+  run that replaces the output (``--overwrite``) leaves a folder that is being read for a
+  later run to remove (``remove_run``), instead of deleting it under the reader.
+- Rows read from a view are never its fill value: a row that reads as all NaN means a shard
+  vanished under the reader (someone removed it by hand); that read raises OutputError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import ConfigError, OutputError, option, printable
+from .storage import ROW_FIELDS
+
+
+def identify(path: Path) -> dict[str, Any]:
+    """The root attributes of an spp-extract file; ConfigError (one line) for anything else:
+    a missing path, a folder, a file that is not HDF5, an HDF5 file this tool did not write."""
+    if path.is_dir():
+        raise ConfigError(f"'{path}' is a folder; give an spp-extract .h5 file")
+    if not path.exists():
+        raise ConfigError(f"'{path}' does not exist")
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            attrs = dict(f.attrs)
+            names = set(f.keys())
+    except OSError as exc:
+        detail = "not an HDF5 file" if not h5py.is_hdf5(path) else printable(str(exc))
+        raise ConfigError(f"'{path}' is not an spp-extract file ({detail})") from None
+    if "format_version" not in attrs or not {"features", "paths", "failed"} <= names:
+        raise ConfigError(
+            f"'{path}' is an HDF5 file that spp-extract did not write (no format_version "
+            "attribute or no features/paths datasets)"
+        )
+    return attrs
+
+
+def vds_unname(name: str) -> str:
+    """A virtual-dataset source name as a file name (HDF5 doubles a literal '%')."""
+    return re.sub("%%", "%", name)
+
+
+def check_sources(path: Path, f: h5py.File | None = None) -> None:
+    """Refuse a view whose shard files are missing, unreadable or shorter than the rows it
+    maps from them (HDF5 would read those as fill values): each source is opened as HDF5
+    would open it, relative to the view's folder."""
+    with contextlib.ExitStack() as stack:
+        if f is None:
+            identify(path)
+            f = stack.enter_context(h5py.File(path, "r", locking=False))
+        ds = f["features"]
+        if not ds.is_virtual:
+            return
+        needed: dict[str, int] = {}  # source -> rows the view maps from it
+        for mapping in ds.virtual_sources():
+            name = vds_unname(mapping.file_name)
+            (first, _), (last, _) = mapping.src_space.get_select_bounds()
+            needed[name] = max(needed.get(name, 0), last + 1)
+        dim = ds.shape[1]
+    missing, broken = [], []
+    for name in sorted(needed):
+        source = path.parent / name
+        if not source.is_file():
+            missing.append(name)
+            continue
+        try:
+            with h5py.File(source, "r", locking=False) as shard:
+                rows, width = shard["features"].shape
+                if width != dim or rows < needed[name]:
+                    broken.append(name)
+        except (OSError, KeyError, ValueError):
+            broken.append(name)
+    if missing:
+        expected = os.path.dirname(os.path.dirname(missing[0])) or "."
+        raise OutputError(
+            f"{path} is a view over shard files, and {len(missing)} are missing (first: "
+            f"{missing[0]}); it expects its shards folder at '{path.parent / expected}' — keep "
+            "or rename that folder back beside it (renaming the output alone is fine), or use "
+            "`spp-extract merge` for a self-contained copy"
+        )
+    if broken:
+        raise OutputError(
+            f"{path} is a view over shard files, and {len(broken)} cannot be read (first: "
+            f"{broken[0]}); move it away and continue the run that wrote it with "
+            f"{option('resume')} to redo its images"
+        )
+
+
+def _shape(obj: object) -> str:
+    if isinstance(obj, h5py.Dataset):
+        return f"a {obj.dtype} dataset of shape {obj.shape}"
+    return "a group" if isinstance(obj, h5py.Group) else "missing"
+
+
+def _holds(ds: h5py.Dataset) -> bool:
+    """Whether a (non-virtual) dataset's storage holds every value it declares: a file can
+    declare a (2^31, 10752) dataset in a few KB, and reading it would give fill values."""
+    if ds.size == 0:
+        return True
+    if ds.chunks is None:
+        return ds.id.get_storage_size() >= ds.size * ds.dtype.itemsize
+    chunks = math.prod(-(-side // step) for side, step in zip(ds.shape, ds.chunks, strict=True))
+    return ds.id.get_num_chunks() >= chunks
+
+
+# Per-row datasets every reader may use; the others (ROW_FIELDS) are checked when present.
+REQUIRED = ("path_bytes", "image_size", "feature_map_size")
+
+
+def validate(f: h5py.File, path: Path) -> None:
+    """One check of an spp-extract file's layout, shared by every reader: ConfigError (one
+    line, naming what is wrong) for a file whose datasets do not fit together."""
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"'{path}' is not a well-formed spp-extract file: {what}")
+
+    _validate_attrs(f.attrs, bad)
+    ds = f.get("features")
+    if not isinstance(ds, h5py.Dataset) or ds.ndim != 2:
+        raise bad(f"features is {_shape(ds)}; expected a 2-D dataset (rows, values)")
+    if ds.dtype.kind != "f":
+        raise bad(f"features holds {ds.dtype}; expected floating-point values")
+    rows, dim = ds.shape
+    if dim < 1:
+        raise bad("features has 0 values per row")
+    paths = f.get("paths")
+    if not isinstance(paths, h5py.Dataset) or paths.shape != (rows,):
+        raise bad(f"paths is {_shape(paths)}; expected one string per row ({rows})")
+    if h5py.check_string_dtype(paths.dtype) is None:
+        raise bad(f"paths holds {paths.dtype}; expected strings")
+    for name, (_dtype, width) in {"path_bytes": (None, None), **ROW_FIELDS}.items():
+        if name in f or name in REQUIRED:
+            column = f.get(name)
+            shape = (rows, width) if width else (rows,)
+            if not isinstance(column, h5py.Dataset) or column.shape != shape:
+                raise bad(f"{name} is {_shape(column)}; expected shape {shape}")
+    failed = f.get("failed")
+    if not isinstance(failed, h5py.Group):
+        raise bad(f"failed is {_shape(failed)}; expected a group")
+    lengths = {}
+    for name in ("paths", "error_class", "errors"):
+        column = failed.get(name)
+        if not isinstance(column, h5py.Dataset) or column.ndim != 1:
+            raise bad(f"failed/{name} is {_shape(column)}; expected one entry per failure")
+        lengths[name] = column.shape[0]
+    for name, column in failed.items():
+        if not isinstance(column, h5py.Dataset) or column.shape[:1] != (lengths["paths"],):
+            raise bad(f"failed/{name} is {_shape(column)}; expected {lengths['paths']} entries")
+    if "reduce" in f:
+        _validate_reduce(f["reduce"], dim, bad)
+    if ds.is_virtual:
+        check_sources(path, f)
+    elif not _holds(ds):
+        raise bad(f"features declares {rows} x {dim} values but the file holds fewer")
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, (str, bytes))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _are_numbers(value: object, kind: str, length: int | None = None) -> bool:
+    array = np.asarray(value)
+    return array.ndim == 1 and array.dtype.kind in kind and length in (None, len(array))
+
+
+# What readers take from the root attributes, when present: checked like the datasets.
+_ATTRS = {
+    "format_version": ("an integer", _is_int),
+    "feature_dim": ("an integer", _is_int),
+    "channels": ("an integer", _is_int),
+    "levels": ("a list of integers", lambda v: _are_numbers(v, "iu")),
+    "mean": ("three numbers", lambda v: _are_numbers(v, "iuf", 3)),
+    "std": ("three numbers", lambda v: _are_numbers(v, "iuf", 3)),
+    "layout": ("'view' or 'merged'", lambda v: v in ("view", "merged", b"view", b"merged")),
+    "complete": ("true or false", lambda v: isinstance(v, (bool, np.bool_))),
+    **{
+        key: ("text", _is_text)
+        for key in ("backbone", "layer", "weights", "weights_id", "pooling", "dtype", "config")
+    },
+    "shards": ("text", _is_text),
+}
+
+
+def _validate_attrs(attrs: Any, bad: Any) -> None:
+    for key, (expected, fits) in _ATTRS.items():
+        if key in attrs and not fits(attrs[key]):
+            raise bad(
+                f"its attribute {key} is {printable(repr(attrs[key]))[:60]}; expected {expected}"
+            )
+    if attrs.get("layout") in ("view", b"view") and "shards" not in attrs:
+        raise bad("it is a view (layout = view) with no shards attribute")
+
+
+def _validate_reduce(group: object, dim: int, bad: Any) -> None:
+    if not isinstance(group, h5py.Group):
+        raise bad(f"reduce is {_shape(group)}; expected a group")
+    mean = group.get("mean")
+    if not isinstance(mean, h5py.Dataset) or mean.ndim != 1:
+        raise bad(f"reduce/mean is {_shape(mean)}; expected a vector")
+    expected = {
+        "components": (dim, mean.shape[0]),
+        "explained_variance": (dim,),
+        **({"scale": (dim,)} if "scale" in group else {}),
+    }
+    for name, shape in expected.items():
+        column = group.get(name)
+        if not isinstance(column, h5py.Dataset) or column.shape != shape:
+            raise bad(f"reduce/{name} is {_shape(column)}; expected shape {shape}")
+    power, l2 = group.attrs.get("power"), group.attrs.get("l2")
+    if not (isinstance(power, (float, int, np.number)) and math.isfinite(power) and power > 0):
+        raise bad(
+            f"reduce's power attribute is {printable(repr(power))[:60]}; expected a number > 0"
+        )
+    if not isinstance(l2, (bool, np.bool_)):
+        raise bad(f"reduce's l2 attribute is {printable(repr(l2))[:60]}; expected true or false")
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def _open_dir(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def held(run_dir: Path) -> Iterator[None]:
+    """Hold a view's run folder while reading it: ``remove_run`` leaves it in place."""
+    fd = _open_dir(run_dir)
+    if fd is None:  # gone already: check_sources says so
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # a file system without flock: no hold
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_run(run_dir: Path) -> bool:
+    """Remove a run folder unless a reader holds it (``held``); returns whether it went. A
+    folder left in place is removed by a later run on the same output."""
+    fd = _open_dir(run_dir)
+    if fd is None:
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass  # no flock here: remove it as before
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class OutputFile:
+    """An open, validated spp-extract file (``open_output``)."""
+
+    path: Path
+    file: h5py.File
+    attrs: dict[str, Any]
+
+    @property
+    def features(self) -> h5py.Dataset:
+        return self.file["features"]
+
+    @property
+    def rows(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def checked(self, block: np.ndarray) -> np.ndarray:
+        """``block`` of a view, refused if a row reads as the fill value (a vanished shard)."""
+        if self.features.is_virtual and len(block) and np.isnan(block).all(axis=1).any():
+            raise OutputError(
+                f"{self.path}: rows read as the view's fill value (NaN): a shard file vanished "
+                "while the file was read (its shards folder removed?); read it again"
+            )
+        return block
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``features``, as stored."""
+        return self.checked(self.features[start:stop])
+
+    def read_rows(
+        self, index: np.ndarray, block_rows: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Rows ``index`` (sorted, unique) as (positions in ``index``, rows) blocks of at most
+        ``block_rows`` file rows each. h5py wants increasing indices, and a fancy read costs a
+        selection per row: a dense run is read as one slice and picked from in memory."""
+        dataset = self.features
+        start = 0
+        while start < len(index):
+            first = int(index[start])
+            stop = int(np.searchsorted(index, first + block_rows, side="left"))
+            picked = index[start:stop]
+            last = int(picked[-1]) + 1
+            if len(picked) * 4 >= last - first:  # dense: one contiguous read
+                block = dataset[first:last][picked - first]
+            else:
+                block = dataset[picked]
+            yield np.arange(start, stop), self.checked(block)
+            start = stop
+
+
+@contextlib.contextmanager
+def open_output(path: str | os.PathLike[str]) -> Iterator[OutputFile]:
+    """An spp-extract file, identified and validated, open for reading; a view's run folder
+    is held while it is open. A view replaced between opening it and holding its folder is
+    opened again (the new one). ConfigError for a file that is not a well-formed output,
+    OutputError for a view whose shards are missing."""
+    path = Path(path)
+    for again in (True, False):
+        attrs = identify(path)
+        with h5py.File(path, "r", locking=False) as f:
+            opened = os.fstat(f.id.get_vfd_handle()).st_ino
+            run_dir = path.parent / str(attrs.get("shards", "")) if "shards" in attrs else None
+            with held(run_dir) if run_dir is not None else contextlib.nullcontext():
+                try:
+                    validate(f, path)
+                except OutputError:
+                    with contextlib.suppress(OSError):
+                        if again and os.stat(path).st_ino != opened:
+                            continue  # replaced meanwhile: read the new one
+                    raise
+                yield OutputFile(path, f, attrs)
+                return
