@@ -83,7 +83,8 @@ def make_file(path: Path, rows: int, dim: int, dtype: str, seed: int = 0) -> Non
 
 def step(args: argparse.Namespace) -> None:
     """One timed step in this process; prints a JSON line."""
-    from spp_extract.retrieval import find_neighbors, fit_projection, project_file
+    from spp_extract.neighbors import find_neighbors
+    from spp_extract.projection import fit_projection, project_file
 
     folder = Path(args.folder)
     started = time.perf_counter()

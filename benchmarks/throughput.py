@@ -14,6 +14,7 @@ and the ratios c/a and c/b, plus peak RSS. Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import resource
 import sys
@@ -35,9 +36,10 @@ from spp_extract import Config, extract, images  # noqa: E402
 from spp_extract.backbones import build_trunk  # noqa: E402
 from spp_extract.compute import Extractor  # noqa: E402
 from spp_extract.decoding import collate, decode_item  # noqa: E402
+from spp_extract.discovery import ImageRef  # noqa: E402
 from spp_extract.planning import Planner  # noqa: E402
 from spp_extract.pooling import spatial_pyramid_pool  # noqa: E402
-from spp_extract.runtime import batch_limits  # noqa: E402
+from spp_extract.runtime import Runtime, batch_limits  # noqa: E402
 
 
 def make_corpus(folder: Path, count: int, seed: int = 0) -> None:
@@ -83,17 +85,18 @@ def naive(paths: list[Path], config: Config, device: torch.device, out: Path) ->
 def compute_limit(
     paths: list[Path], trunk, config: Config, device: torch.device, padded: bool
 ) -> float:
-    refs = [images.ImageRef(p.name, str(p)) for p in paths]
+    refs = [ImageRef(p.name, str(p)) for p in paths]
     items = [decode_item(r, i, trunk.min_side, config) for i, r in enumerate(refs)]
     sizes = [it.meta.input_size for it in items]
     batch_size, batch_pixels = batch_limits(config, device)
     planner = Planner(
         sizes, padded=padded, batch_size=batch_size, batch_pixels=batch_pixels, commit_seconds=1e9
     )
-    batches = [collate([items[i] for i in plan]) for plan in planner]
+    batches = [collate([items[i] for i in plan.indices]) for plan in planner]
     for b in batches:
         b.pixels = b.pixels.to(device)
-    extractor = Extractor(trunk, config, device, padded=padded)
+    runtime = Runtime.resolve(config, trunk, device=device)
+    extractor = Extractor(trunk, config, dataclasses.replace(runtime, padded=padded))
     _sync(device)
     start = time.perf_counter()
     for b in batches:

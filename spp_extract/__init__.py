@@ -4,44 +4,46 @@ from __future__ import annotations
 
 import importlib
 from importlib import metadata as _metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 try:  # one version everywhere: the installed package's (pyproject.toml)
     __version__ = _metadata.version("spp-extract")
 except _metadata.PackageNotFoundError:  # a checkout that was not installed
-    __version__ = "0.1.0"
+    __version__ = "0.0.0+checkout"
 
 from .config import Config, load_config  # noqa: E402
 from .errors import ConfigError, ImageError, OutputError, SppError  # noqa: E402
 
-if TYPE_CHECKING:
-    from .model import SppModel, create_model
-    from .pipeline import Result, extract
-    from .pooling import SpatialPyramidPooling, spatial_pyramid_pool, spp_dim
-    from .reader import Features, iter_features, read_features
-    from .retrieval import Neighbors, Projection, check_projection, neighbors, project_file, reduce
-    from .view import merge
-
-# Names from modules that import torch, loaded on first use, so that `spp-extract --help`
-# and `--version` (and `import spp_extract.cli`) do not spend seconds importing torch.
+# The public names of modules that import torch, each loaded on first use (so that
+# `spp-extract --help` and `import spp_extract.cli` do not spend seconds importing torch):
+# name -> module. This table is the list of them.
 _LAZY = {
+    # extraction
     "extract": "pipeline",
     "Result": "pipeline",
+    "create_model": "model",
+    "SppModel": "model",
+    "list_backbones": "backbones",
     "SpatialPyramidPooling": "pooling",
     "spatial_pyramid_pool": "pooling",
     "spp_dim": "pooling",
-    "create_model": "model",
-    "SppModel": "model",
-    "Features": "reader",
-    "merge": "view",
+    # reading
     "read_features": "reader",
     "iter_features": "reader",
-    "Projection": "retrieval",
-    "reduce": "retrieval",
-    "project_file": "retrieval",
-    "check_projection": "retrieval",
-    "neighbors": "retrieval",
-    "Neighbors": "retrieval",
+    "Features": "reader",
+    "merge": "view",
+    "Provenance": "provenance",
+    # reductions
+    "reduce": "projection",
+    "fit_projection": "projection",
+    "project_file": "projection",
+    "check_projection": "projection",
+    "Projection": "projection",
+    # neighbours
+    "neighbors": "neighbors",
+    "find_neighbors": "neighbors",
+    "pairs_above": "neighbors",
+    "Neighbors": "neighbors",
 }
 
 
@@ -58,29 +60,13 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-__all__ = [
+__all__ = [  # noqa: PLE0604 - the eager names, then the lazy ones
     "Config",
     "ConfigError",
-    "Features",
     "ImageError",
-    "Neighbors",
     "OutputError",
-    "Projection",
-    "Result",
-    "SpatialPyramidPooling",
     "SppError",
-    "SppModel",
     "__version__",
-    "create_model",
-    "check_projection",
-    "extract",
-    "iter_features",
     "load_config",
-    "merge",
-    "neighbors",
-    "project_file",
-    "read_features",
-    "reduce",
-    "spatial_pyramid_pool",
-    "spp_dim",
+    *_LAZY,
 ]

@@ -10,14 +10,10 @@ Normalisation uses the weights' mean/std only, never their resize/crop preset.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import hashlib
-import io
+import functools
 import logging
-import os
 import threading
-import urllib.parse
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,19 +22,19 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import Tensor, nn
-from torchvision.models import get_model as _tv_get_model
-from torchvision.models import get_model_weights, list_models
+from torchvision.models import list_models
 from torchvision.models.feature_extraction import get_graph_node_names
 
 from .config import Config
-from .errors import ConfigError, option, printable
+from .errors import ConfigError
 from .masking import maskable
+from .pooling import spp_dim
+from .provenance import Provenance, Resolved
 from .rng import seeded
+from .weights import get_model, load_model, load_state_file, resolve_weights
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Chain = list[tuple[str, nn.Module]]
 
@@ -156,30 +152,13 @@ FAMILIES = (
 REFUSED = ("vit_", "swin_", "maxvit_")  # attention over fixed-size patch grids
 
 
-def get_model(name: str, **kwargs: object) -> nn.Module:
-    with warnings.catch_warnings():
-        # GoogLeNet/Inception warn that their default init will change; irrelevant here.
-        warnings.filterwarnings("ignore", message="The default weight initialization")
-        return _tv_get_model(name, **kwargs)
-
-
 def family_of(name: str) -> Family | None:
     return next((f for f in FAMILIES if name.startswith(f.prefix)), None)
 
 
-def supported_backbones() -> list[str]:
+def list_backbones() -> list[str]:
+    """The torchvision models spp-extract can use, by name (``get_model`` names)."""
     return [n for n in list_models(module=torchvision.models) if family_of(n) is not None]
-
-
-def _from_file(config: Config, *keys: str) -> str:
-    """' (layer came from FILE line N; pass --layer or remove it there)' for keys a config file
-    set, so that a conflict with a flag says where the other value came from."""
-    notes = [
-        f"{key} came from {config.origins[key]}; pass {option(key, None)} or remove it there"
-        for key in keys
-        if key in config.origins
-    ]
-    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _check_backbone(name: str, note: str = "") -> Family:
@@ -191,7 +170,7 @@ def _check_backbone(name: str, note: str = "") -> Family:
             f"backbone {name!r} is a vision transformer: it needs a fixed input size, so it "
             f"cannot pool native-size images; choose a CNN (spp-extract backbones lists them){note}"
         )
-    close = difflib.get_close_matches(name, supported_backbones(), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name, list_backbones(), n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     raise ConfigError(f"unknown backbone {name!r}; {hint}(spp-extract backbones lists all){note}")
 
@@ -282,49 +261,9 @@ def meta_model(name: str) -> nn.Module:
             nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
 
 
-@dataclass(frozen=True)
-class ResolvedModel:
-    """What a config's backbone/layer/weights/normalisation mean, without loading weights."""
-
-    backbone: str
-    layer: str
-    weights: str  # "none", "ResNet50_Weights.IMAGENET1K_V2", or "file:<path>"
-    weights_id: str  # what identifies the values: the enum name, or the file's sha256
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-def _weights_enum(config: Config):  # noqa: ANN202 (torchvision WeightsEnum member)
-    enum = get_model_weights(config.backbone)
-    if config.weights == "DEFAULT":
-        return enum.DEFAULT
-    if "_Weights." in config.weights and not Path(config.weights).exists():
-        try:  # torchvision's own parser: refuses another model's weights
-            return enum.verify(config.weights)
-        except (ValueError, KeyError):
-            options = ", ".join(["DEFAULT", *(w.name for w in enum)])
-            raise ConfigError(
-                f"weights {config.weights!r}{_from_file(config, 'weights')} are not "
-                f"{config.backbone}'s ({enum.__name__}); expected one of: {options}"
-            ) from None
-    names = [w.name for w in enum]
-    short = config.weights.split(".")[-1]
-    if short in names:
-        return enum[short]
-    return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def resolve(config: Config) -> ResolvedModel:
+def resolve(config: Config) -> Resolved:
     """Check backbone, layer and weights; fill in defaults. Raises ConfigError."""
-    family = _check_backbone(config.backbone, _from_file(config, "backbone"))
+    family = _check_backbone(config.backbone, config.came_from("backbone"))
     model = meta_model(config.backbone)
     chain = family.chain(model)
     layer = config.layer or family.default_layer
@@ -336,108 +275,10 @@ def resolve(config: Config) -> ResolvedModel:
         shown = ", ".join(names) if len(names) <= 40 else ", ".join(names[:40]) + ", ..."
         raise ConfigError(
             f"unknown layer {layer!r} for {config.backbone}"
-            f"{_from_file(config, 'layer', 'backbone')}; {hint}valid layers: {shown}"
+            f"{config.came_from('layer', 'backbone')}; {hint}valid layers: {shown}"
         )
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if config.weights == "none":
-        weights, weights_id = "none", f"none (seed {config.seed})"
-    elif (w := _weights_enum(config)) is not None:
-        weights, weights_id = str(w), str(w)
-        preset = w.transforms()
-        mean, std = tuple(preset.mean), tuple(preset.std)
-    else:
-        path = Path(config.weights)
-        if not path.is_file():
-            options = ", ".join(["DEFAULT", *(w.name for w in get_model_weights(config.backbone))])
-            raise ConfigError(
-                f"weights {config.weights!r} is neither a file nor a weights name for "
-                f"{config.backbone}{_from_file(config, 'weights', 'backbone')}; expected a "
-                f"state-dict file, 'none', or one of: {options}"
-            )
-        weights, weights_id = f"file:{path}", f"sha256:{_sha256(path)}"
-    if config.mean:
-        mean, std = config.mean, config.std
-    return ResolvedModel(
-        config.backbone,
-        layer,
-        weights,
-        weights_id,
-        tuple(float(v) for v in mean),
-        tuple(float(v) for v in std),
-    )
-
-
-def expected_cache_file(url: str) -> Path:
-    """Where torchvision's download (torch.hub) keeps a weights file: TORCH_HOME/hub/checkpoints."""
-    name = os.path.basename(urllib.parse.urlparse(url).path)
-    return Path(torch.hub.get_dir()) / "checkpoints" / name
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError...
-        raise ConfigError(
-            f"weights file '{printable(str(path))}' is not a PyTorch state-dict file "
-            f"(torch.load(weights_only=True) refused it: {_load_error(exc)}); save one with "
-            "torch.save(model.state_dict(), FILE)"
-        ) from None
-    for key in ("state_dict", "model"):
-        if isinstance(data, dict) and isinstance(data.get(key), dict) and len(data) <= 3:
-            data = data[key]
-    if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
-        raise ConfigError(
-            f"weights file '{path}' holds a {type(data).__name__}, not a state dict of tensors; "
-            "save one with torch.save(model.state_dict(), FILE)"
-        )
-    return {k.removeprefix("module."): v for k, v in data.items()}
-
-
-def _load_error(exc: Exception) -> str:
-    """What torch.load said, without its advice to turn weights_only off (which would let the
-    file run code): the unpickler's own reason where it gives one, else the exception type."""
-    lines = [line.strip() for line in str(exc).splitlines()]
-    reason = next(
-        (
-            line.partition("WeightsUnpickler error:")[2].strip()
-            for line in lines
-            if "WeightsUnpickler error:" in line
-        ),
-        "",
-    )
-    reason = reason.split(". ")[0]  # "Unsupported global: GLOBAL os.system was not an allowed ..."
-    if not reason and lines and "weights_only" not in lines[0] and "Weights only" not in lines[0]:
-        reason = lines[0]
-    reason = printable(reason)[:200]
-    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
-
-
-def _summary(keys: list[str]) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
-
-
-def _load_file(model: nn.Module, trunk: nn.Sequential, path: Path, backbone: str) -> None:
-    state = _read_state_dict(path)
-    trunk_keys = set(trunk.state_dict())
-    model_keys = set(model.state_dict())
-    missing = sorted(trunk_keys - set(state))
-    unexpected = sorted(set(state) - model_keys)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_summary(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_summary(unexpected)}")
-        raise ConfigError(
-            f"weights file '{path}' does not fit {backbone} ({'; '.join(parts)}); is it for "
-            "another architecture?"
-        )
-    try:
-        trunk.load_state_dict({k: state[k] for k in trunk_keys}, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise ConfigError(f"weights file '{path}' does not fit {backbone}: {detail}") from None
+    weights, weights_id, mean, std = resolve_weights(config)
+    return Resolved(config.backbone, layer, weights, weights_id, mean, std)
 
 
 @dataclass
@@ -445,9 +286,15 @@ class Trunk:
     """A ready trunk: eval mode, no grad, on CPU; plus what the pipeline needs to know."""
 
     module: nn.Sequential
-    resolved: ResolvedModel
+    resolved: Resolved
     channels: int
     min_side: int  # smallest input side the trunk accepts; smaller images are padded up to it
+
+    @functools.cached_property
+    def maskable(self) -> bool:
+        """Each image of a masked padded batch gets exactly its own result (``masking``); the
+        same locality makes the trunk tileable."""
+        return maskable(self.module)
 
 
 def _probe(meta: nn.Module, height: int, width: int) -> tuple[int, int, int] | None:
@@ -488,35 +335,23 @@ def describe(backbone: str, layer: str = "") -> tuple[str, int, bool]:
     return resolved.layer, probe[0], maskable(trunk)
 
 
-def build_trunk(config: Config, resolved: ResolvedModel | None = None) -> Trunk:
+def provenance_of(config: Config) -> Provenance:
+    """What ``config`` would make (``Provenance``), vector length included, without weights
+    or compute (meta device)."""
+    resolved = resolve(config)
+    _, channels, _ = describe(resolved.backbone, resolved.layer)
+    return Provenance.of_run(config, resolved, spp_dim(channels, config.levels))
+
+
+def build_trunk(config: Config, resolved: Resolved | None = None) -> Trunk:
     """Build the trunk with its weights. Raises ConfigError for anything the user can fix.
     ``resolved``: ``resolve(config)`` if the caller has it (it hashes a weights file)."""
     resolved = resolved or resolve(config)
     family = _check_backbone(config.backbone)
-    enum_weights = None if resolved.weights.startswith(("none", "file:")) else _weights_enum(config)
-    if enum_weights is not None:
-        cache = expected_cache_file(enum_weights.url)
-        if not cache.is_file():
-            log.info("downloading %s to %s", enum_weights.url, cache)
-        try:
-            # torch.hub prints "Downloading: ..." on stdout, which may be the user's data.
-            with seeded(None), contextlib.redirect_stdout(io.StringIO()):
-                model = get_model(config.backbone, weights=enum_weights, progress=False)
-        except Exception as exc:  # URLError, OSError, hash mismatch, ...
-            raise ConfigError(
-                f"cannot load {resolved.weights}{_from_file(config, 'weights')} "
-                f"({type(exc).__name__}: {printable(' '.join(str(exc).split())[:120])}); it is "
-                f"looked up at {cache} — download {enum_weights.url} there, pass "
-                f"{option('weights', 'FILE')} with a state dict, or {option('weights', 'none')} for a "
-                "seeded random init (trying things out)"
-            ) from None
-    else:
-        with seeded(config.seed):  # random init is reproducible for weights = "none"
-            model = get_model(config.backbone, weights=None)
-    model.eval()
+    model = load_model(config, resolved).eval()
     trunk = _cut(family.chain(model), resolved.layer)
     if resolved.weights.startswith("file:"):
-        _load_file(model, trunk, Path(config.weights), config.backbone)
+        load_state_file(model, trunk, Path(config.weights), config.backbone)
     trunk.eval().requires_grad_(False)
     # Sizes do not depend on weights: probe the same architecture built on the meta device.
     meta = _cut(family.chain(meta_model(config.backbone)), resolved.layer)

@@ -1,26 +1,22 @@
-"""Decoding in DataLoader workers: items, padded uint8 batches in the planner's order, and
-isolating a decoder that crashes or hangs in a throw-away process."""
+"""Decoding, in DataLoader workers (``loader``) or in the main process: one image to an item
+(a failure becomes a record), items to one padded uint8 batch, and one image decoded in a
+throw-away process when its decoder crashed or hung."""
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
 
 from . import images
 from .config import Config, pixel_limit
-from .errors import ImageError, Interrupted, printable
-from .isolation import Died, TimedOut, call_isolated, make_private
-from .planning import Planner
+from .discovery import ImageRef, file_stat
+from .errors import ImageError, printable
+from .isolation import Died, TimedOut, call_isolated
 from .records import RowMeta
 
 log = logging.getLogger(__name__)
@@ -30,12 +26,19 @@ PREFETCH = 4  # batches each decode worker prepares ahead
 
 @dataclass
 class Item:
-    index: int
+    index: int  # in this rank's work list
     pixels: Tensor | None  # (3, H, W) uint8
     meta: RowMeta
+    window: int = -1  # the planned window (shard) it belongs to
 
 
-def decode_item(ref: images.ImageRef, index: int, min_side: int, config: Config) -> Item:
+def decode_item(ref: ImageRef, index: int, min_side: int, config: Config, window: int = -1) -> Item:
+    item = _decode_item(ref, index, min_side, config)
+    item.window = window
+    return item
+
+
+def _decode_item(ref: ImageRef, index: int, min_side: int, config: Config) -> Item:
     if ref.problem is not None:  # a folder that could not be listed: nothing to open
         return failure(ref, index, *ref.problem)
     try:
@@ -59,7 +62,9 @@ def decode_item(ref: images.ImageRef, index: int, min_side: int, config: Config)
 
 
 class DecodeDataset(Dataset):
-    def __init__(self, refs: Sequence[images.ImageRef], min_side: int, config: Config) -> None:
+    """``dataset[(window, index)]``: the image ``index`` of the work list, decoded."""
+
+    def __init__(self, refs: Sequence[ImageRef], min_side: int, config: Config) -> None:
         self.refs = refs
         self.min_side = min_side
         self.config = config
@@ -67,28 +72,28 @@ class DecodeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, index: int) -> Item:
-        return decode_item(self.refs[index], index, self.min_side, self.config)
+    def __getitem__(self, key: tuple[int, int]) -> Item:
+        window, index = key
+        return decode_item(self.refs[index], index, self.min_side, self.config, window)
 
 
 @dataclass
 class Batch:
+    window: int  # the planned window (shard) all its images belong to
     indices: list[int]  # of the decoded images, in batch order
     pixels: Tensor | None  # (N, 3, H, W) uint8, zero-padded at bottom/right
     metas: list[RowMeta]
     failures: list[Item]
 
+    @property
+    def first(self) -> int:
+        """The lowest work-list index of the batch (decoded or failed)."""
+        return min(self.indices + [it.index for it in self.failures])
+
     def pin_memory(self) -> Batch:
         if self.pixels is not None:
             self.pixels = self.pixels.pin_memory()
         return self
-
-
-def init_worker(_worker: int) -> None:
-    """A decode worker is a process spp-extract owns (``isolation.private``). Ctrl-C reaches
-    the whole process group; the main process decides when to stop."""
-    make_private()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Collate:
@@ -110,8 +115,9 @@ def _round_up(value: int, multiple: int) -> int:
 def collate(items: list[Item], multiple: int = 1) -> Batch:
     good = [it for it in items if it.pixels is not None]
     failures = [it for it in items if it.pixels is None]
+    window = items[0].window if items else -1
     if not good:
-        return Batch([], None, [], failures)
+        return Batch(window, [], None, [], failures)
     height = _round_up(max(it.meta.input_size[0] for it in good), multiple)
     width = _round_up(max(it.meta.input_size[1] for it in good), multiple)
     pixels = torch.zeros(len(good), 3, height, width, dtype=torch.uint8)
@@ -119,16 +125,24 @@ def collate(items: list[Item], multiple: int = 1) -> Batch:
         assert it.pixels is not None
         h, w = it.meta.image_size
         pixels[row, :, :h, :w] = it.pixels
-    return Batch([it.index for it in good], pixels, [it.meta for it in good], failures)
+    return Batch(window, [it.index for it in good], pixels, [it.meta for it in good], failures)
 
 
-def _decode_plain(ref: images.ImageRef, index: int, min_side: int, config: Config) -> tuple:
+def _decode_plain(ref: ImageRef, index: int, min_side: int, config: Config) -> tuple:
     item = decode_item(ref, index, min_side, config)
     return (None if item.pixels is None else item.pixels.numpy(), item.meta)
 
 
-def isolated_decode(ref: images.ImageRef, index: int, min_side: int, config: Config) -> Item:
+def isolated_decode(
+    ref: ImageRef, index: int, min_side: int, config: Config, window: int = -1
+) -> Item:
     """Decode in a throw-away process: a crash or hang becomes a failure record."""
+    item = _isolated(ref, index, min_side, config)
+    item.window = window
+    return item
+
+
+def _isolated(ref: ImageRef, index: int, min_side: int, config: Config) -> Item:
     try:
         pixels, meta = call_isolated(
             _decode_plain, ref, index, min_side, config, timeout=config.decode_timeout
@@ -141,29 +155,21 @@ def isolated_decode(ref: images.ImageRef, index: int, min_side: int, config: Con
     return Item(index, None if pixels is None else torch.from_numpy(pixels), meta)
 
 
-def failure(ref: images.ImageRef, index: int, kind: str, message: str) -> Item:
+def failure(ref: ImageRef, index: int, kind: str, message: str) -> Item:
     """A failure record, with the file's stat so that a resume knows if it changed since."""
-    size, mtime = file_stat(ref)
+    size, mtime = file_stat(ref.path)
     meta = RowMeta(error_class=kind, error=printable(message), file_size=size, mtime_ns=mtime)
     return Item(index, None, meta)
 
 
-def file_stat(ref: images.ImageRef) -> tuple[int, int]:
-    try:
-        st = os.stat(ref.path)
-        return st.st_size, st.st_mtime_ns
-    except OSError:
-        return -1, -1
-
-
-def _own_generator() -> torch.Generator:
+def own_generator() -> torch.Generator:
     """A DataLoader draws its workers' base seed from this, not from torch's global generator
     (which would shift the caller's random numbers, and another thread's seeded model init)."""
     return torch.Generator().manual_seed(0)
 
 
 class _Headers(Dataset):
-    def __init__(self, refs: Sequence[images.ImageRef]) -> None:
+    def __init__(self, refs: Sequence[ImageRef]) -> None:
         self.refs = refs
 
     def __len__(self) -> int:
@@ -173,12 +179,12 @@ class _Headers(Dataset):
         return header_size(self.refs[index])
 
 
-def header_size(ref: images.ImageRef) -> tuple[int, int] | None:
+def header_size(ref: ImageRef) -> tuple[int, int] | None:
     """The displayed size from the header; None for a folder that could not be listed."""
     return None if ref.problem is not None else images.read_size(ref.path)
 
 
-def read_sizes(refs: Sequence[images.ImageRef], workers: int) -> list[tuple[int, int] | None]:
+def read_sizes(refs: Sequence[ImageRef], workers: int) -> list[tuple[int, int] | None]:
     if workers == 0 or len(refs) < 64:
         return [header_size(r) for r in refs]
     loader = DataLoader(
@@ -186,74 +192,6 @@ def read_sizes(refs: Sequence[images.ImageRef], workers: int) -> list[tuple[int,
         batch_size=64,
         num_workers=workers,
         collate_fn=list,
-        generator=_own_generator(),
+        generator=own_generator(),
     )
     return [size for chunk in loader for size in chunk]
-
-
-def decoded_batches(
-    refs: Sequence[images.ImageRef],
-    planner: Planner,
-    min_side: int,
-    config: Config,
-    *,
-    workers: int,
-    multiple: int,
-    pin_memory: bool,
-    caught: list[int],
-) -> Iterator[Batch]:
-    """The planner's batches of ``refs``, decoded by ``workers`` processes. A worker that
-    crashes or hangs (``decode_timeout``) is replaced: the batch it was working on is decoded
-    again one image at a time in throw-away processes, and the rest goes on. ``caught``: the
-    signals received so far (a worker lost to one ends the loop as ``Interrupted``)."""
-    dataset = DecodeDataset(refs, min_side, config)
-    # torch's SIGCHLD handler raises a dead worker's error wherever the main thread is: in the
-    # middle of compute it would lose the batch in hand. It is on only while waiting for the
-    # next batch; a worker that died meanwhile is reported as that wait begins.
-    watch = workers > 0 and threading.current_thread() is threading.main_thread()
-    torch_handler: Any = None
-    try:
-        while True:
-            loader = DataLoader(
-                dataset,
-                batch_sampler=planner,
-                num_workers=workers,
-                collate_fn=Collate(multiple),
-                pin_memory=pin_memory,
-                timeout=config.decode_timeout if workers else 0,
-                prefetch_factor=PREFETCH if workers else None,
-                persistent_workers=False,
-                worker_init_fn=init_worker,
-                generator=_own_generator(),
-            )
-            batches = iter(loader)
-            if watch and torch_handler is None:
-                torch_handler = signal.getsignal(signal.SIGCHLD)
-            while True:
-                try:
-                    if watch:
-                        signal.signal(signal.SIGCHLD, torch_handler)
-                        _error_if_any_worker_fails()
-                    batch = next(batches)
-                except StopIteration:
-                    return
-                except RuntimeError as exc:
-                    if workers == 0 or "DataLoader" not in str(exc):
-                        raise
-                    if caught:
-                        raise Interrupted(caught[0]) from None
-                    log.warning("a decode worker failed (%s); isolating its images", exc)
-                    break
-                finally:
-                    if watch:
-                        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                planner.received()
-                yield batch
-            del batches  # shuts the remaining workers down (a hung one is terminated)
-            planner.rewind()
-            suspect = next(iter(planner))  # the first batch not received
-            planner.received()
-            yield collate([isolated_decode(refs[i], i, min_side, config) for i in suspect])
-    finally:
-        if torch_handler is not None:
-            signal.signal(signal.SIGCHLD, torch_handler)

@@ -81,10 +81,13 @@ COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("command_lin
 
 
 def option(name: str, value: object = True) -> str:
-    """``option("resume")`` -> ``--resume`` (command line) or ``resume=True`` (Python);
-    ``option("layer", None)`` -> ``--layer`` or ``layer=...``; ``option("device", "cpu")``
-    -> ``--device cpu`` or ``device='cpu'``."""
+    """``option("layer", None)`` -> ``--layer`` (command line) or ``layer=...`` (Python);
+    ``option("device", "cpu")`` -> ``--device cpu`` or ``device='cpu'``; ``option("retry")``
+    -> ``--retry`` or ``retry=True``. The run mode is one value in Python and a flag of its own
+    on the command line: ``option('mode', 'resume')`` -> ``--resume`` or ``mode='resume'``."""
     if COMMAND_LINE.get():
+        if name == "mode":
+            return "--" + str(value)
         flag = "--" + name.replace("_", "-")
         return flag if value is True or value is None else f"{flag} {value}"
     return f"{name}=..." if value is None else f"{name}={value!r}"

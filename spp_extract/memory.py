@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .config import MIN_MEMORY, memory_size
 from .decoding import PREFETCH
 from .masking import meta_copy
+from .rules import MIN_MEMORY, memory_size
 
 # Measured peak RSS growth of one forward / traced peak, CPU fp32, channels_last, inference
 # mode: 0.99-1.00 for resnet18, resnet50 and vgg16 at 2-3 MP (measured while writing this; the

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from .backbones import Trunk, build_trunk
 from .config import Config
-from .images import pil_to_tensor
+from .images import rgb_tensor
+from .masking import valid_mask
 from .pooling import PoolingMode, SpatialPyramidPooling
 
 
@@ -40,17 +41,32 @@ class SppModel(nn.Module):
         self.mean = trunk.resolved.mean
         self.std = trunk.resolved.std
         self.min_side = trunk.min_side
+        # normalisation as buffers: they follow the module to its device
+        self.register_buffer("pixel_mean", torch.tensor(self.mean).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(self.std).view(1, 3, 1, 1), False)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x: Tensor[N, 3, H, W]`` normalised, H, W >= ``min_side`` -> ``Tensor[N, dim]``."""
         return self.spp(self.trunk(x))
 
-    def prepare(self, image: Image.Image | Tensor) -> Tensor:
+    def normalize(self, pixels: Tensor, sizes: Sequence[tuple[int, int]] | None = None) -> Tensor:
+        """uint8 ``Tensor[N, 3, H, W]`` (on any device) -> the float input the trunk is fed, on
+        this module's device: scaled to [0, 1], normalised, and exactly 0 outside each image's
+        top-left ``sizes[i]`` (padding, and the margin up to ``min_side``). The one place the
+        tool normalises pixels: whole batches, tiles and ``embed``."""
+        x = pixels.to(self.pixel_mean.device, non_blocking=True).float().div_(255.0)
+        x = (x - self.pixel_mean) / self.pixel_std
+        if sizes is not None and any(tuple(s) != tuple(x.shape[-2:]) for s in sizes):
+            inside = torch.tensor([list(s) for s in sizes], device=x.device)  # (N, 2)
+            x = torch.where(valid_mask(inside, x.shape[-2], x.shape[-1]), x, 0.0)
+        return x
+
+    def to_input(self, image: Image.Image | Tensor) -> Tensor:
         """One picture -> the normalised ``Tensor[3, H', W']`` the trunk is fed: a Pillow image
         is made RGB by the tool's rules (EXIF orientation, transparency on white, 16-bit
         scaling); a uint8 ``Tensor[3, H, W]`` is taken as RGB. Sides under ``min_side`` are
         padded at the bottom/right with zeros after normalisation, as the tool does."""
-        pixels = pil_to_tensor(image) if isinstance(image, Image.Image) else image
+        pixels = rgb_tensor(image) if isinstance(image, Image.Image) else image
         if pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[0] != 3:
             raise ValueError(
                 f"expected a Pillow image or a uint8 Tensor[3, H, W], got "
@@ -61,30 +77,24 @@ class SppModel(nn.Module):
                 f"an image of shape {tuple(pixels.shape)} has no pixels; every side must be at "
                 "least 1"
             )
-        device = next(self.trunk.parameters()).device
-        mean = torch.tensor(self.mean, device=device).view(3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(3, 1, 1)
-        x = (pixels.to(device).float() / 255.0 - mean) / std
-        _, h, w = x.shape
-        if min(h, w) < self.min_side:
-            padded = x.new_zeros(3, max(h, self.min_side), max(w, self.min_side))
-            padded[:, :h, :w] = x
-            x = padded
-        return x
+        _, h, w = pixels.shape
+        padded = pixels.new_zeros(1, 3, max(h, self.min_side), max(w, self.min_side))
+        padded[0, :, :h, :w] = pixels
+        return self.normalize(padded, [(h, w)])[0]
 
     @torch.inference_mode()
     def embed(self, images: Sequence[Image.Image | Tensor], *, batch_size: int = 8) -> Tensor:
         """Pictures of any sizes -> ``Tensor[N, dim]`` on the CPU, in the given order. Images
         of the same size run together (identical results to running each alone)."""
-        prepared = [self.prepare(image) for image in images]
-        out = torch.empty(len(prepared), self.dim)
+        inputs = [self.to_input(image) for image in images]
+        out = torch.empty(len(inputs), self.dim)
         by_size: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
-        for i, x in enumerate(prepared):
+        for i, x in enumerate(inputs):
             by_size[(x.shape[1], x.shape[2])].append(i)
         for rows in by_size.values():
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start : start + batch_size]
-                batch = torch.stack([prepared[i] for i in chunk])  # (n, 3, H, W)
+                batch = torch.stack([inputs[i] for i in chunk])  # (n, 3, H, W)
                 out[chunk] = self(batch).float().cpu()
         return out
 
@@ -94,11 +104,11 @@ class SppModel(nn.Module):
 
 def create_model(
     backbone: str = "resnet50",
+    *,
     layer: str | None = None,
     weights: str = "DEFAULT",
     levels: Sequence[int] = (4, 2, 1),
     pooling: PoolingMode = "max",
-    *,
     seed: int = 0,
 ) -> SppModel:
     """A ready ``SppModel`` (eval mode, no gradients, CPU): the same backbone, layer, weights

@@ -71,11 +71,25 @@ def check_sources(path: Path, f: h5py.File | None = None) -> None:
         if not ds.is_virtual:
             return
         needed: dict[str, int] = {}  # source -> rows the view maps from it
+        spans: dict[str, list[tuple[int, int]]] = {}
+        mapped = 0
         for mapping in ds.virtual_sources():
             name = vds_unname(mapping.file_name)
+            if mapping.dset_name != "features":
+                raise ConfigError(
+                    f"'{path}' is not a well-formed spp-extract file: its view maps "
+                    f"{printable(mapping.dset_name)!r} of {printable(name)}, not features"
+                )
             (first, _), (last, _) = mapping.src_space.get_select_bounds()
             needed[name] = max(needed.get(name, 0), last + 1)
+            spans.setdefault(name, []).append((first, last + 1))
+            mapped += last + 1 - first
         dim = ds.shape[1]
+        if mapped < ds.shape[0]:
+            raise ConfigError(
+                f"'{path}' is not a well-formed spp-extract file: its view declares "
+                f"{ds.shape[0]} rows and maps {mapped}"
+            )
     missing, broken = [], []
     for name in sorted(needed):
         source = path.parent / name
@@ -84,10 +98,11 @@ def check_sources(path: Path, f: h5py.File | None = None) -> None:
             continue
         try:
             with h5py.File(source, "r", locking=False) as shard:
-                rows, width = shard["features"].shape
-                if width != dim or rows < needed[name]:
+                features = shard["features"]
+                rows, width = features.shape
+                if width != dim or rows < needed[name] or not _holds_rows(features, spans[name]):
                     broken.append(name)
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, TypeError):
             broken.append(name)
     if missing:
         expected = os.path.dirname(os.path.dirname(missing[0])) or "."
@@ -101,7 +116,7 @@ def check_sources(path: Path, f: h5py.File | None = None) -> None:
         raise OutputError(
             f"{path} is a view over shard files, and {len(broken)} cannot be read (first: "
             f"{broken[0]}); move it away and continue the run that wrote it with "
-            f"{option('resume')} to redo its images"
+            f"{option('mode', 'resume')} to redo its images"
         )
 
 
@@ -126,48 +141,94 @@ def _holds(ds: h5py.Dataset) -> bool:
 REQUIRED = ("path_bytes", "image_size", "feature_map_size")
 
 
+# What each dataset must hold: an HDF5 string, integers, booleans or raw bytes (vlen uint8).
+_KIND = {
+    "paths": "text",
+    "path_bytes": "bytes",
+    "image_size": "int",
+    "input_size": "int",
+    "feature_map_size": "int",
+    "mode": "text",
+    "truncated": "bool",
+    "file_size": "int",
+    "mtime_ns": "int",
+    "tiles": "int",
+    "error_class": "text",
+    "errors": "text",
+}
+FLOATS = ("float16", "float32", "float64")
+
+
+def _kind_fits(column: h5py.Dataset, kind: str) -> bool:
+    dtype = column.dtype
+    if kind == "text":
+        return h5py.check_string_dtype(dtype) is not None
+    if kind == "bytes":
+        vlen = h5py.check_vlen_dtype(dtype)
+        return vlen is not None and np.dtype(vlen).kind == "u"
+    if kind == "bool":
+        return dtype.kind == "b"
+    return dtype.kind in "iu"
+
+
+def _holds_rows(ds: h5py.Dataset, spans: list[tuple[int, int]]) -> bool:
+    """Whether a chunked shard dataset has at least as many chunks allocated as the rows a
+    view maps from it need (chunks of failed rows alone are never written)."""
+    if ds.chunks is None:
+        return ds.id.get_storage_size() >= ds.size * ds.dtype.itemsize
+    step = ds.chunks[0]
+    chunks = {c for start, stop in spans for c in range(start // step, (stop - 1) // step + 1)}
+    return ds.id.get_num_chunks() >= len(chunks) * -(-ds.shape[1] // ds.chunks[1])
+
+
 def validate(f: h5py.File, path: Path) -> None:
     """One check of an spp-extract file's layout, shared by every reader: ConfigError (one
-    line, naming what is wrong) for a file whose datasets do not fit together."""
+    line, naming what is wrong) for a file whose datasets do not fit together: shapes, types,
+    lengths, a declared size the file (or a view's shards) really holds, the attributes."""
 
     def bad(what: str) -> ConfigError:
         return ConfigError(f"'{path}' is not a well-formed spp-extract file: {what}")
+
+    def column(group: h5py.Group, name: str, shape: tuple[int, ...], where: str = "") -> None:
+        data = group.get(name)
+        if not isinstance(data, h5py.Dataset) or data.shape != shape:
+            raise bad(f"{where}{name} is {_shape(data)}; expected shape {shape}")
+        if not _kind_fits(data, _KIND[name]):
+            raise bad(f"{where}{name} holds {data.dtype}; expected {_KIND[name]}")
+        if not data.is_virtual and not _holds(data):
+            raise bad(f"{where}{name} declares {data.shape[0]} rows but the file holds fewer")
 
     _validate_attrs(f.attrs, bad)
     ds = f.get("features")
     if not isinstance(ds, h5py.Dataset) or ds.ndim != 2:
         raise bad(f"features is {_shape(ds)}; expected a 2-D dataset (rows, values)")
-    if ds.dtype.kind != "f":
-        raise bad(f"features holds {ds.dtype}; expected floating-point values")
+    if ds.dtype.name not in FLOATS:
+        raise bad(f"features holds {ds.dtype}; expected float16, float32 or float64")
     rows, dim = ds.shape
     if dim < 1:
         raise bad("features has 0 values per row")
-    paths = f.get("paths")
-    if not isinstance(paths, h5py.Dataset) or paths.shape != (rows,):
-        raise bad(f"paths is {_shape(paths)}; expected one string per row ({rows})")
-    if h5py.check_string_dtype(paths.dtype) is None:
-        raise bad(f"paths holds {paths.dtype}; expected strings")
-    for name, (_dtype, width) in {"path_bytes": (None, None), **ROW_FIELDS}.items():
+    for name, (_dtype, width) in {
+        "paths": (None, None),
+        "path_bytes": (None, None),
+        **ROW_FIELDS,
+    }.items():
         if name in f or name in REQUIRED:
-            column = f.get(name)
-            shape = (rows, width) if width else (rows,)
-            if not isinstance(column, h5py.Dataset) or column.shape != shape:
-                raise bad(f"{name} is {_shape(column)}; expected shape {shape}")
+            column(f, name, (rows, width) if width else (rows,))
     failed = f.get("failed")
     if not isinstance(failed, h5py.Group):
         raise bad(f"failed is {_shape(failed)}; expected a group")
-    lengths = {}
-    for name in ("paths", "error_class", "errors"):
-        column = failed.get(name)
-        if not isinstance(column, h5py.Dataset) or column.ndim != 1:
-            raise bad(f"failed/{name} is {_shape(column)}; expected one entry per failure")
-        lengths[name] = column.shape[0]
-    for name, column in failed.items():
-        if not isinstance(column, h5py.Dataset) or column.shape[:1] != (lengths["paths"],):
-            raise bad(f"failed/{name} is {_shape(column)}; expected {lengths['paths']} entries")
+    count = failed["paths"].shape[0] if isinstance(failed.get("paths"), h5py.Dataset) else 0
+    for name in {"paths", "error_class", "errors", *failed}:
+        if name in _KIND and (name in failed or name in ("paths", "error_class", "errors")):
+            width = ROW_FIELDS.get(name, (None, None))[1]
+            column(failed, name, (count, width) if width else (count,), "failed/")
+        elif not isinstance(failed[name], h5py.Dataset) or failed[name].shape[:1] != (count,):
+            raise bad(f"failed/{name} is {_shape(failed[name])}; expected {count} entries")
     if "reduce" in f:
         _validate_reduce(f["reduce"], dim, bad)
     if ds.is_virtual:
+        if not np.isnan(ds.fillvalue):
+            raise bad(f"its view's fill value is {ds.fillvalue}, not NaN")
         check_sources(path, f)
     elif not _holds(ds):
         raise bad(f"features declares {rows} x {dim} values but the file holds fewer")
@@ -183,7 +244,12 @@ def _is_int(value: object) -> bool:
 
 def _are_numbers(value: object, kind: str, length: int | None = None) -> bool:
     array = np.asarray(value)
-    return array.ndim == 1 and array.dtype.kind in kind and length in (None, len(array))
+    return (
+        array.ndim == 1
+        and array.dtype.kind in kind
+        and length in (None, len(array))
+        and bool(np.isfinite(array).all())
+    )
 
 
 # What readers take from the root attributes, when present: checked like the datasets.
@@ -192,8 +258,8 @@ _ATTRS = {
     "feature_dim": ("an integer", _is_int),
     "channels": ("an integer", _is_int),
     "levels": ("a list of integers", lambda v: _are_numbers(v, "iu")),
-    "mean": ("three numbers", lambda v: _are_numbers(v, "iuf", 3)),
-    "std": ("three numbers", lambda v: _are_numbers(v, "iuf", 3)),
+    "mean": ("three finite numbers", lambda v: _are_numbers(v, "iuf", 3)),
+    "std": ("three finite numbers", lambda v: _are_numbers(v, "iuf", 3)),
     "layout": ("'view' or 'merged'", lambda v: v in ("view", "merged", b"view", b"merged")),
     "complete": ("true or false", lambda v: isinstance(v, (bool, np.bool_))),
     **{
@@ -218,8 +284,8 @@ def _validate_reduce(group: object, dim: int, bad: Any) -> None:
     if not isinstance(group, h5py.Group):
         raise bad(f"reduce is {_shape(group)}; expected a group")
     mean = group.get("mean")
-    if not isinstance(mean, h5py.Dataset) or mean.ndim != 1:
-        raise bad(f"reduce/mean is {_shape(mean)}; expected a vector")
+    if not isinstance(mean, h5py.Dataset) or mean.ndim != 1 or mean.dtype.kind != "f":
+        raise bad(f"reduce/mean is {_shape(mean)}; expected a vector of floats")
     expected = {
         "components": (dim, mean.shape[0]),
         "explained_variance": (dim,),
@@ -229,6 +295,8 @@ def _validate_reduce(group: object, dim: int, bad: Any) -> None:
         column = group.get(name)
         if not isinstance(column, h5py.Dataset) or column.shape != shape:
             raise bad(f"reduce/{name} is {_shape(column)}; expected shape {shape}")
+        if column.dtype.kind != "f":
+            raise bad(f"reduce/{name} holds {column.dtype}; expected floats")
     power, l2 = group.attrs.get("power"), group.attrs.get("l2")
     if not (isinstance(power, (float, int, np.number)) and math.isfinite(power) and power > 0):
         raise bad(

@@ -1,11 +1,15 @@
-"""``extract()``: the composition root. The data flow, top to bottom:
+"""``extract()``: the composition root. The stages, top to bottom:
 
-    inputs -> rundir.setup (output checks under the lock, image list, run folder)
-           -> build_trunk -> Runtime.resolve (device, workers, threads, batching, limits)
-           -> runner.run_share (what is left -> headers -> plan -> decode -> trunk -> SPP
-              -> shards) on each rank -> view.assemble (the output file) on rank 0
+    request checked (mode, projection) -> rundir.setup (rank 0, under the output lock: may
+    this output be written, the image list, the run folder)
+    -> build_trunk + Runtime.resolve (every rank: every `auto` decided once)
+    -> rundir.open_run (rank 0: run.toml, the attempt number)
+    -> this rank's share: what is left -> header sizes -> its part -> Planner
+    -> the loop: DecodeLoader -> Extractor -> ShardSink
+    -> view.assemble (rank 0: the output) -> the projection (rank 0, with ``project``)
 
-One process, or one process per rank under torchrun.
+One process, or one process per rank under torchrun; every collective goes through the rank
+helpers of ``runtime`` (a rank that fails never leaves the others waiting).
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +30,29 @@ import torch.distributed as dist
 import torchvision
 
 from . import __version__, rundir
-from .backbones import ResolvedModel, Trunk, build_trunk, resolve
-from .config import Config, fingerprint, resolved_config, to_toml
-from .errors import ConfigError, Interrupted, OutputError, SppError
+from .backbones import Trunk, build_trunk, resolve
+from .compute import Extractor
+from .config import Config, to_toml
+from .decoding import read_sizes
+from .discovery import ImageRef
+from .errors import ConfigError, Interrupted, OutputError, SppError, option
+from .loader import DecodeLoader
 from .outputs import remove_run
+from .planning import BUCKET, Planner, partition
 from .pooling import spp_dim
-from .runner import Failure, run_share
+from .provenance import Provenance, Resolved, resolved_config
+from .records import Failure, Outcome, Progress
+from .rundir import RunMode
 from .runtime import (
     Dist,
     Runtime,
+    gathered,
     on_every_rank,
     on_rank0,
     process_settings_restored,
     resolve_device,
 )
-from .shards import list_shards
+from .shards import ShardSink, list_shards, shard_name
 from .storage import remove_tree, run_attrs, shards_root
 from .view import assemble
 
@@ -48,20 +60,23 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Interrupted", "Result", "extract"]
 
+Failed = tuple[str, str, str]  # (path, error class, message)
 
-@dataclass
+
+@dataclass(frozen=True)
 class Result:
     """What a run did (the CLI's one-line summary)."""
 
     output: Path
     images: int  # rows in the output
     failed: int
-    feature_dim: int
+    feature_dim: int  # of the output's vectors (the projection's, with ``project``)
     seconds: float
     processed: int  # images computed by this run (fewer than `images` when resuming)
-    failures: list[Failure] = field(default_factory=list)  # (path, class, message)
+    failures: tuple[Failed, ...] = ()  # (path, class, message) of this rank's failures
     overlaps: int = 0  # files left out because an earlier input already named them
     runtime: Runtime | None = None  # what `auto` settled to on this rank
+    main: bool = True  # this process is rank 0 (under torchrun, the one that reports)
 
 
 def extract(
@@ -69,49 +84,60 @@ def extract(
     output: str | os.PathLike[str],
     *,
     config: Config | None = None,
+    mode: RunMode = "new",
     files_from: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
     retry_failed: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    project: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
 ) -> Result:
     """Extract one SPP vector per image into the HDF5 file ``output``.
 
-    ``inputs``: a folder or file, or a list of them. Configuration problems raise ConfigError
-    before anything is written; images that cannot be used become failure records.
-    ``progress(done, total)`` is called after each batch. Under torchrun (WORLD_SIZE > 1)
-    every rank calls this with the same arguments.
+    ``inputs``: a folder or file, or a list of them. ``mode``: ``"new"`` (refused if the
+    output exists), ``"resume"`` (continue it, or start) or ``"overwrite"`` (replace it once
+    the new run has finished). ``project``: a file written by ``reduce``; ``output`` then holds
+    the vectors projected by its transform, the full ones going to ``<output>.full.h5``.
+    Configuration problems raise ConfigError before anything is written; images that cannot
+    be used become failure records. ``progress(done, total)`` is called after each batch.
+    Under torchrun (WORLD_SIZE > 1) every rank calls this with the same arguments.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    if mode not in ("new", "resume", "overwrite"):
+        raise ConfigError(f"mode {mode!r} is invalid; expected 'new', 'resume' or 'overwrite'")
     with process_settings_restored():
         return _extract(
-            inputs,
+            list(inputs),
             Path(output).absolute(),
-            config or Config(),
-            files_from,
-            resume,
-            overwrite,
-            retry_failed,
-            progress,
+            config=config or Config(),
+            mode=mode,
+            files_from=files_from,
+            retry_failed=retry_failed,
+            project=None if project is None else Path(project),
+            progress=progress,
         )
 
 
 def _extract(
-    inputs: Sequence[str | os.PathLike[str]],
+    inputs: list[str | os.PathLike[str]],
     output: Path,
+    *,
     config: Config,
+    mode: RunMode,
     files_from: str | os.PathLike[str] | None,
-    resume: bool,
-    overwrite: bool,
     retry_failed: bool,
-    progress: Callable[[int, int], None] | None,
+    project: Path | None,
+    progress: Progress | None,
 ) -> Result:
     started = time.monotonic()
     ctx = Dist.from_env()
     resolved = resolve(config)
     device = resolve_device(config, ctx)
-    fp = fingerprint(config, resolved)
+    projection = None
+    if project is not None:  # checked before anything is written
+        from .projection import full_output, load_for_extract
+
+        projection = load_for_extract(project, config, output, mode)
+        output, final = full_output(output), output
     with contextlib.ExitStack() as stack:
         stack.enter_context(_process_group(ctx, device))
         lock = rundir.OutputLock(output) if ctx.rank == 0 else None
@@ -119,9 +145,10 @@ def _extract(
             stack.callback(lock.release, remove_if_unused=True)
         # Rank 0 takes the lock first, then checks what is there, and holds it to the end:
         # nothing can change the output between the check and the writing.
+        resumable = Provenance.of_run(config, resolved)  # what a resume must match
         setup = on_rank0(
             ctx,
-            lambda: rundir.setup(inputs, output, files_from, config, fp, lock, resume, overwrite),
+            lambda: rundir.setup(inputs, output, files_from, config, resumable, lock, mode),
         )
         # Loads weights (may still raise ConfigError) and sizes memory, on every rank.
         trunk, runtime = on_every_rank(
@@ -130,21 +157,28 @@ def _extract(
         runtime.apply()
         # From here on, things are written; a signal is noted, and acted on between batches.
         caught = stack.enter_context(_signals())
-        attempt = on_rank0(ctx, lambda: rundir.prepare(output, setup.run_dir, fp, config, resolved))
-        attrs = _attrs(config, resolved, trunk, runtime)
+        provenance = Provenance.of_run(config, resolved, spp_dim(trunk.channels, config.levels))
+        attempt = on_rank0(
+            ctx, lambda: rundir.open_run(output, setup.run_dir, provenance, config, resolved)
+        )
+        attrs = _attrs(config, resolved, trunk, runtime, provenance)
         keys, keep = [r.key_bytes for r in setup.refs], rundir.unlisted(setup.refs)
         dim = attrs["feature_dim"]
         try:
-            processed, failures = run_share(
-                setup.refs,
-                setup.run_dir,
-                attempt,
-                trunk,
-                config,
-                runtime,
-                retry_failed=retry_failed,
-                progress=progress,
-                caught=caught,
+            processed, failures = on_every_rank(
+                ctx,
+                lambda: _share(
+                    setup.refs,
+                    setup.run_dir,
+                    attempt,
+                    trunk,
+                    config,
+                    runtime,
+                    retry_failed=retry_failed,
+                    progress=progress,
+                    caught=caught,
+                ),
+                "extract",
             )
         except (Interrupted, OutputError):
             if ctx.rank == 0 and not setup.keep_old_output:
@@ -154,8 +188,6 @@ def _extract(
             if ctx.rank == 0 and not list_shards(setup.run_dir):
                 remove_tree(setup.run_dir)
             raise
-        if ctx.active:
-            dist.barrier()
 
         def finish() -> tuple[int, int]:
             counts = assemble(
@@ -168,43 +200,41 @@ def _extract(
             return counts
 
         rows, failed = on_rank0(ctx, finish)
-        return Result(
-            output,
-            rows,
-            failed,
-            dim,
-            time.monotonic() - started,
-            processed,
-            failures,
-            setup.overlaps,
-            runtime,
-        )
+    if projection is not None:
+        from .projection import project_file
+
+        # every rank waits for rank 0 to write the projected copy
+        on_rank0(ctx, lambda: project_file(output, final, projection, overwrite=True))
+        output, dim = final, projection.dim
+    return Result(
+        output=output,
+        images=rows,
+        failed=failed,
+        feature_dim=dim,
+        seconds=time.monotonic() - started,
+        processed=processed,
+        failures=tuple(failures),
+        overlaps=setup.overlaps,
+        runtime=runtime,
+        main=ctx.rank == 0,
+    )
 
 
 def _model(
-    config: Config, resolved: ResolvedModel, ctx: Dist, device: torch.device
+    config: Config, resolved: Resolved, ctx: Dist, device: torch.device
 ) -> tuple[Trunk, Runtime]:
     trunk = build_trunk(config, resolved)
     return trunk, Runtime.resolve(config, trunk, ctx, device)
 
 
 def _attrs(
-    config: Config, resolved: ResolvedModel, trunk: Trunk, runtime: Runtime
+    config: Config, resolved: Resolved, trunk: Trunk, runtime: Runtime, provenance: Provenance
 ) -> dict[str, Any]:
-    """The output's root attributes: the configuration and what the run actually used."""
+    """The output's root attributes: what made the vectors, the configuration, and what the
+    run actually used."""
     return run_attrs(
-        backbone=resolved.backbone,
-        layer=resolved.layer,
-        weights=resolved.weights,
-        weights_id=resolved.weights_id,
-        levels=list(config.levels),
-        pooling=config.pooling,
+        **provenance.to_attrs(resolved.weights),
         channels=trunk.channels,
-        feature_dim=spp_dim(trunk.channels, config.levels),
-        dtype=config.dtype,
-        mean=list(resolved.mean),
-        std=list(resolved.std),
-        precision=config.precision,
         config=to_toml(resolved_config(config, resolved)),
         spp_extract_version=__version__,
         torch_version=str(torch.__version__),
@@ -212,6 +242,142 @@ def _attrs(
         device=runtime.device.type,
         batching="padded" if runtime.padded else "same-size",
         world_size=runtime.dist.world,
+    )
+
+
+# ----------------------------------------------------------------------------- one rank's share
+
+
+def _share(
+    refs: Sequence[ImageRef],
+    run_dir: Path,
+    attempt: int,
+    trunk: Trunk,
+    config: Config,
+    runtime: Runtime,
+    *,
+    retry_failed: bool,
+    progress: Progress | None,
+    caught: list[int],
+) -> tuple[int, list[Failed]]:
+    """This rank's share of ``refs``, computed and committed to shards in ``run_dir``: the
+    stages built, then the loop. Returns (images computed, their failures)."""
+    ctx = runtime.dist
+    todo = on_rank0(ctx, lambda: rundir.left_to_do(refs, run_dir, retry_failed))
+    sizes = _header_sizes([refs[i] for i in todo], runtime)
+    cuts = partition(sizes, ctx.world)
+    lo, hi = cuts[ctx.rank], cuts[ctx.rank + 1]
+    work = [refs[i] for i in todo[lo:hi]]
+    side = trunk.min_side  # the sizes the trunk sees: sides under its minimum are padded up
+    planner = Planner(
+        [None if s is None else (max(s[0], side), max(s[1], side)) for s in sizes[lo:hi]],
+        padded=runtime.padded,
+        batch_size=runtime.batch_size,
+        batch_pixels=runtime.batch_pixels,
+        commit_seconds=config.commit_seconds,
+    )
+    if progress:
+        progress(0, len(work))
+    if not work:
+        return 0, []
+    loader = DecodeLoader(
+        work,
+        planner,
+        side,
+        config,
+        workers=runtime.workers,
+        multiple=BUCKET if runtime.padded else 1,
+        pin_memory=runtime.device.type == "cuda",
+        caught=caught,
+    )
+    sink = ShardSink(
+        work,
+        planner,
+        run_dir,
+        lambda window: shard_name(attempt, ctx.rank, window),
+        spp_dim(trunk.channels, config.levels),
+        config.dtype,
+        {"attempt": attempt, "rank": ctx.rank},
+    )
+    _loop(loader, Extractor(trunk, config, runtime), sink, config, progress, caught, len(work))
+    return len(work), sink.failures
+
+
+def _loop(
+    loader: DecodeLoader,
+    extractor: Extractor,
+    sink: ShardSink,
+    config: Config,
+    progress: Progress | None,
+    caught: list[int],
+    total: int,
+) -> None:
+    """Decoded batches -> outcomes -> shards, until the plan ends or a signal was caught."""
+    batches = iter(loader)
+    first: list[Outcome] | None = []  # the first outcomes, judged before the first commit
+    try:
+        with contextlib.closing(batches):  # on any exit: the decode workers stop at once
+            for batch in batches:
+                if first is not None and (len(first) >= FIRST_IMAGES or sink.moves_on(batch)):
+                    refuse_if_mostly_non_finite(first, config)
+                    first = None
+                sink.begin(batch)
+                outcomes = extractor(batch.pixels, batch.metas) if batch.pixels is not None else []
+                if first is not None:
+                    first += outcomes
+                sink.record(batch, outcomes)
+                if progress:
+                    progress(sink.done, total)
+                if caught:
+                    raise Interrupted(caught[0])
+        if first is not None:
+            refuse_if_mostly_non_finite(first, config)
+        sink.finish()
+    except Interrupted:
+        sink.keep()  # everything computed so far, the open shard with its missing rows
+        raise
+    except BaseException:
+        sink.abandon()
+        raise
+    finally:
+        sink.close()
+
+
+def _header_sizes(refs: Sequence[ImageRef], runtime: Runtime) -> list[tuple[int, int] | None]:
+    """Each image's size from its header: each rank reads a strided share, all get all."""
+    ctx = runtime.dist
+    parts = gathered(ctx, lambda: read_sizes(refs[ctx.rank :: ctx.world], runtime.workers))
+    sizes: list[Any] = [None] * len(refs)
+    for rank, part in enumerate(parts):
+        sizes[rank :: ctx.world] = part
+    return sizes
+
+
+# A run's first outcomes (at least this many, or all before its first commit) are judged
+# together: if at least half are non-finite vectors, a setting is the cause.
+FIRST_IMAGES = 16
+
+
+def refuse_if_mostly_non_finite(first: Sequence[Outcome], config: Config) -> None:
+    """If at least half of a run's ``first`` outcomes are non-finite vectors, a setting, not
+    the images, is the likely cause: the run stops (ConfigError) instead of filling the file
+    with failures."""
+    failures = [r for r in first if isinstance(r, Failure) and r.kind == "non_finite"]
+    if not failures or 2 * len(failures) < len(first):
+        return
+    if any("float16 overflow" in f.message for f in failures):
+        cause = f"{option('dtype', 'float16')} overflows; use {option('dtype', 'float32')}"
+    elif config.precision == "fp16":
+        cause = (
+            f"{option('precision', 'fp16')} overflows; use {option('precision', 'bf16')} or fp32"
+        )
+    else:
+        cause = "the trunk itself gives NaN or inf; check the weights"
+    if config.std and min(config.std) < 1e-3:
+        cause += f", and std = {list(config.std)} (tiny values blow the inputs up)"
+    raise ConfigError(
+        f"{len(failures)} of the first {len(first)} images gave non-finite vectors "
+        f"({failures[0].message}): {cause}; nothing was kept"
     )
 
 

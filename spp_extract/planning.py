@@ -7,8 +7,6 @@ sizes in the same 64-px bucket under a pixel budget.
 
 from __future__ import annotations
 
-import bisect
-import collections
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,18 +22,23 @@ class Window:
     stop: int
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One batch: indices into the work list, all in one window (one shard)."""
+
+    window: int
+    indices: list[int]
+
+
 class Planner:
-    """Yields batches (lists of indices into the work list), window by window.
+    """Yields ``Planned`` batches, window by window.
 
     A window is a contiguous run of the sorted work list and becomes one shard; its size in
-    pixels follows the measured speed (``rate``, pixels per second) so that a shard is
-    committed about every ``commit_seconds`` however image sizes vary along the list. The
-    first window is small (twice the batch size) so that the first commit comes soon.
-    Within a window, images are grouped by size: identical sizes only (``padded=False``) or
-    into 64-px buckets padded to their largest member (``padded=True``).
-
-    Batches handed out but not yet received are kept, so a new DataLoader can start again
-    from the first one not received (after a decoder crash).
+    pixels follows the measured speed (``learn``) so that a shard is committed about every
+    ``commit_seconds`` however image sizes vary along the list. The first window is small
+    (twice the batch size) so that the first commit comes soon. Within a window, images are
+    grouped by size: identical sizes only (``padded=False``) or into 64-px buckets padded to
+    their largest member (``padded=True``).
     """
 
     def __init__(
@@ -53,17 +56,14 @@ class Planner:
         self.batch_pixels = batch_pixels
         self.commit_seconds = commit_seconds
         self.windows: list[Window] = []
-        self._starts: list[int] = []
-        self.rate: float | None = None  # pixels per second, set by the consumer (measured)
+        self._rate: float | None = None  # pixels per second, measured (``learn``)
         known = [h * w for s in sizes if s is not None for h, w in [s]]
         typical = int(np.median(known)) if known else 512 * 512
         self.pixels = [s[0] * s[1] if s is not None else typical for s in sizes]
-        self._next = 0
-        self._issued: collections.deque[list[int]] = collections.deque()
-        self._pending: collections.deque[list[int]] = collections.deque()
 
-    def window_of(self, index: int) -> int:
-        return bisect.bisect_right(self._starts, index) - 1
+    def learn(self, window: int, seconds: float) -> None:
+        """``window`` took ``seconds``: later windows are sized by that speed."""
+        self._rate = self.window_pixels(window) / max(seconds, 1e-3)
 
     def window_pixels(self, window: int) -> int:
         w = self.windows[window]
@@ -71,10 +71,10 @@ class Planner:
 
     def _window_stop(self, start: int) -> int:
         """End of the window that starts at ``start``: at least one image, at most 100,000."""
-        if self.rate is None:  # a first commit soon; then sized by the measured speed
+        if self._rate is None:  # a first commit soon; then sized by the measured speed
             count, budget = 2 * self.batch_size, float("inf")
         else:
-            count, budget = 100_000, self.rate * self.commit_seconds
+            count, budget = 100_000, self._rate * self.commit_seconds
         stop, total = start, 0
         limit = min(len(self.sizes), start + count)
         while stop < limit and (stop == start or total + self.pixels[stop] <= budget):
@@ -112,29 +112,15 @@ class Planner:
             batches.append(batch)
         return batches + unknown
 
-    def __iter__(self) -> Iterator[list[int]]:
-        while True:
-            if self._pending:
-                batch = self._pending.popleft()
-            else:
-                if self._next >= len(self.sizes):
-                    return
-                start, stop = self._next, self._window_stop(self._next)
-                self.windows.append(Window(start, stop))
-                self._starts.append(start)
-                self._next = stop
-                self._pending.extend(self._plan_window(start, stop))
-                continue
-            self._issued.append(batch)
-            yield batch
-
-    def received(self) -> list[int]:
-        return self._issued.popleft()
-
-    def rewind(self) -> None:
-        """Hand out the issued-but-not-received batches again (a fresh DataLoader)."""
-        self._pending.extendleft(reversed(self._issued))
-        self._issued.clear()
+    def __iter__(self) -> Iterator[Planned]:
+        start = 0
+        while start < len(self.sizes):
+            stop = self._window_stop(start)
+            self.windows.append(Window(start, stop))
+            window = len(self.windows) - 1
+            for batch in self._plan_window(start, stop):
+                yield Planned(window, batch)
+            start = stop
 
 
 def partition(sizes: Sequence[tuple[int, int] | None], parts: int) -> list[int]:

@@ -1,8 +1,13 @@
-"""Plain records handed from stage to stage (no h5py, no torch)."""
+"""Plain records handed from stage to stage (no h5py, no torch beyond a tensor's values)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+# progress(done, total), called as work is done (the CLI draws a bar with it)
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -19,3 +24,24 @@ class RowMeta:
     tiles: int = 0  # how many tiles the trunk ran on (0: the whole image at once)
     error_class: str = ""
     error: str = ""
+
+
+@dataclass(frozen=True)
+class Vector:
+    """One image's result: its SPP vector and what the trunk made of the image."""
+
+    values: Any  # Tensor[D] on the CPU, in the stored dtype
+    feature_map_size: tuple[int, int]
+    tiles: int = 0  # tiles the trunk ran on (0: the whole image at once)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why an image has no vector: a stable class (``out_of_memory``, ``too_large``,
+    ``non_finite``, ...) and a message for people."""
+
+    kind: str
+    message: str
+
+
+Outcome = Vector | Failure  # one per computed image

@@ -13,18 +13,17 @@ import fcntl
 import logging
 import os
 import re
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import images
-from .backbones import ResolvedModel
-from .config import Config, resolved_config, to_toml
+from .config import Config, to_toml
+from .discovery import IMAGE_EXTENSIONS, ImageRef, file_stat, find_images
 from .errors import ConfigError, OutputError, option, printable
 from .outputs import identify
-from .shards import next_attempt, remove_partial
+from .provenance import Provenance, Resolved, resolved_config
+from .shards import next_attempt, read_state, remove_partial
 from .storage import remove_stale_tmp, shards_root
 
 log = logging.getLogger(__name__)
@@ -89,39 +88,22 @@ class OutputLock:
         self._fd = None
 
 
-def _read_run_toml(run_dir: Path) -> dict[str, Any]:
+def _read_run_toml(run_dir: Path) -> Provenance:
     try:
-        return tomllib.loads((run_dir / "run.toml").read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError):
-        return {}
+        return Provenance.of_run_toml((run_dir / "run.toml").read_text(encoding="utf-8"))
+    except OSError:
+        return Provenance({})
 
 
-def _write_run_toml(run_dir: Path, fp: dict[str, Any], config: dict[str, Any]) -> None:
+def _write_run_toml(run_dir: Path, provenance: Provenance, config: dict[str, Any]) -> None:
     text = "# spp-extract run: the values every resume of this run must match\n"
-    text += "[fingerprint]\n" + to_toml(fp) + "\n[config]\n" + to_toml(config)
+    text += provenance.to_run_toml() + "\n[config]\n" + to_toml(config)
     tmp = run_dir / "run.toml.tmp"
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, run_dir / "run.toml")
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [
-        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        for key in new
-        if old.get(key) != new.get(key)
-    ]
-
-
 RunMode = Literal["new", "resume", "overwrite"]
-
-
-def run_mode(resume: bool, overwrite: bool) -> RunMode:
-    """The caller's two switches as one value."""
-    if resume and overwrite:
-        raise ConfigError(
-            f"{option('resume')} and {option('overwrite')} exclude each other; pick one"
-        )
-    return "resume" if resume else "overwrite" if overwrite else "new"
 
 
 def check_output_name(output: Path) -> None:
@@ -162,8 +144,8 @@ def check_existing(output: Path, mode: RunMode) -> bool:
         if mode == "resume" and attrs.get("layout") == "merged":
             raise ConfigError(
                 f"'{output}' is a merged, self-contained copy (layout = merged); "
-                f"{option('resume')} continues a run's own output (resume that and merge again), "
-                f"or pass {option('overwrite')} to start a new run here"
+                f"{option('mode', 'resume')} continues a run's own output (resume that and merge again), "
+                f"or pass {option('mode', 'overwrite')} to start a new run here"
             )
     elif root.is_dir() and [p for p in root.iterdir() if p.name != ".lock"]:  # ours holds .lock
         unexpected = [
@@ -178,8 +160,8 @@ def check_existing(output: Path, mode: RunMode) -> bool:
         return False
     if mode == "new":
         raise ConfigError(
-            f"output '{output}' already exists; pass {option('resume')} to continue it or "
-            f"{option('overwrite')} to replace it"
+            f"output '{output}' already exists; pass {option('mode', 'resume')} to continue it or "
+            f"{option('mode', 'overwrite')} to replace it"
         )
     return output.exists()
 
@@ -204,7 +186,7 @@ def _run_order(path: Path) -> tuple[int, str]:
     return (int(match.group(1)) if match else -1, path.name)
 
 
-def choose_run_dir(output: Path, fp: dict[str, Any], mode: RunMode) -> Path:
+def choose_run_dir(output: Path, provenance: Provenance, mode: RunMode) -> Path:
     """The run to continue (newest, when resuming) or a new one. Raises on a mismatch."""
     root = shards_root(output)
     runs = (
@@ -214,13 +196,13 @@ def choose_run_dir(output: Path, fp: dict[str, Any], mode: RunMode) -> Path:
     )
     if mode == "resume" and runs:
         run_dir = runs[-1]
-        old = _read_run_toml(run_dir).get("fingerprint", {})
-        diff = _differences(old, fp)
+        old = _read_run_toml(run_dir).resume_values()
+        diff = Provenance.differences(old, provenance.resume_values())
         if diff:
             raise ConfigError(
-                f"{option('resume')}: the configuration differs from the run in {run_dir.name} ("
+                f"{option('mode', 'resume')}: the configuration differs from the run in {run_dir.name} ("
                 + "; ".join(diff)
-                + f"); use the same settings, or {option('overwrite')} to start again"
+                + f"); use the same settings, or {option('mode', 'overwrite')} to start again"
             )
         return run_dir
     number = _run_order(runs[-1])[0] + 1 if runs else 0
@@ -231,7 +213,7 @@ def choose_run_dir(output: Path, fp: dict[str, Any], mode: RunMode) -> Path:
 @dataclass(frozen=True)
 class Setup:
     run_dir: Path
-    refs: list[images.ImageRef]
+    refs: list[ImageRef]
     overlaps: int  # files named by more than one input (used once)
     keep_old_output: bool  # --overwrite of an existing output: it stays until the new one is done
 
@@ -241,36 +223,31 @@ def setup(
     output: Path,
     files_from: str | os.PathLike[str] | None,
     config: Config,
-    fp: dict[str, Any],
+    provenance: Provenance,
     lock: OutputLock | None,
-    resume: bool,
-    overwrite: bool,
+    mode: RunMode,
 ) -> Setup:
-    """Rank 0, before anything is written: the output may be written, the inputs, the run."""
+    """Rank 0, before anything is written: the output may be written, the inputs, the run
+    (``provenance``: what a resume must match)."""
     assert lock is not None
-    mode = run_mode(resume, overwrite)
     check_output_name(output)
     lock.acquire()
     existed = check_existing(output, mode)
-    found = images.find_images(
-        inputs, files_from=files_from, follow_symlinks=config.follow_symlinks
-    )
+    found = find_images(inputs, files_from=files_from, follow_symlinks=config.follow_symlinks)
     if not found.refs:
         raise ConfigError(
-            "no images found in the inputs (looked for "
-            + ", ".join(sorted(images.IMAGE_EXTENSIONS))
-            + ")"
+            "no images found in the inputs (looked for " + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"
         )
     return Setup(
-        choose_run_dir(output, fp, mode),
+        choose_run_dir(output, provenance, mode),
         found.refs,
         found.overlaps,
         mode == "overwrite" and existed,
     )
 
 
-def prepare(
-    output: Path, run_dir: Path, fp: dict[str, Any], config: Config, resolved: ResolvedModel
+def open_run(
+    output: Path, run_dir: Path, provenance: Provenance, config: Config, resolved: Resolved
 ) -> int:
     """Rank 0: the run folder, cleaned of half-written files, with its run.toml; returns the
     number of this attempt (shard names start with it)."""
@@ -278,11 +255,21 @@ def prepare(
     remove_stale_tmp(output)  # a view or merge killed before its rename
     if remove_partial(run_dir):
         log.info("discarded half-written shards from an interrupted run")
-    _write_run_toml(run_dir, fp, resolved_config(config, resolved))
+    _write_run_toml(run_dir, provenance, resolved_config(config, resolved))
     return next_attempt(run_dir)
 
 
-def unlisted(refs: Sequence[images.ImageRef]) -> list[bytes]:
+def left_to_do(refs: Sequence[ImageRef], run_dir: Path, retry_failed: bool) -> list[int]:
+    """Indices of ``refs`` without a result in the run (or whose file changed since)."""
+    state = read_state(run_dir)
+    return [
+        i
+        for i, r in enumerate(refs)
+        if not state.done(r.key_bytes, r.source, *file_stat(r.path), retry_failed)
+    ]
+
+
+def unlisted(refs: Sequence[ImageRef]) -> list[bytes]:
     """Path prefixes of folders that could not be listed: their earlier rows are kept. An
     input folder that cannot be listed at all keeps every earlier row."""
     return [
@@ -290,8 +277,3 @@ def unlisted(refs: Sequence[images.ImageRef]) -> list[bytes]:
         for r in refs
         if r.problem
     ]
-
-
-def source_of(ref: images.ImageRef) -> bytes:
-    """Where the file is: a resume redoes a stored path that now names another file."""
-    return os.fsencode(os.path.abspath(ref.path))

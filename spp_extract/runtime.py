@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,72 +16,11 @@ import torch.distributed as dist
 
 from .backbones import Trunk
 from .config import AUTO, Config
-from .errors import ConfigError, OutputError, SppError, option, printable
-from .masking import maskable
+from .devices import Dist, cores, resolve_device
+from .errors import ConfigError, Interrupted, OutputError, SppError, printable
 from .memory import MemoryModel, decode_bytes, memory_budget, memory_model, module_bytes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place under torchrun (``WORLD_SIZE`` etc.); one rank without it."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        return cls(
-            int(os.environ["RANK"]),
-            world,
-            int(os.environ.get("LOCAL_RANK", "0")),
-            int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
-        )
-
-
-def resolve_device(config: Config, ctx: Dist) -> torch.device:
-    """``config.device`` (``auto``: CUDA, then MPS on one rank, then CPU), checked to exist."""
-    name = config.device
-    if name == AUTO:
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available() and not ctx.active:
-            name = "mps"
-        else:
-            name = "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device {name!r} requested but CUDA is not available; use {option('device', 'cpu')}"
-            )
-        if name == "cuda":
-            name = f"cuda:{ctx.local_rank if ctx.active else 0}"
-        if int(name.split(":")[1]) >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device {name!r} does not exist; {torch.cuda.device_count()} CUDA devices"
-            )
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(
-            f"device 'mps' requested but MPS is not available; use {option('device', 'cpu')}"
-        )
-    return torch.device(name)
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def decode_workers(config: Config, device: torch.device, ctx: Dist) -> int:
@@ -112,7 +50,7 @@ def padded_batching(config: Config, device: torch.device, trunk: Trunk) -> bool:
     """Whether mixed sizes share batches (masked padding): asked for (``auto``: on CUDA) and
     exact for this trunk."""
     padded = config.batching == "padded" or (config.batching == AUTO and device.type == "cuda")
-    if padded and not maskable(trunk.module):
+    if padded and not trunk.maskable:
         log.info(
             "%s cannot use masked padding (it has global ops); batching identical sizes only",
             config.backbone,
@@ -136,6 +74,17 @@ class Runtime:
     budget: int | None  # bytes one forward may use (max_memory); None: no limit
     memory: MemoryModel  # peak bytes of one forward, by input size
     tf32: bool  # TF32 matmuls/convolutions on CUDA (never in fp32 precision)
+    # Tiling is attempted on the trunks masking accepts (the same locality: each output cell a
+    # function of a bounded input window, zero padding); receptive.receptive_field's trace
+    # then checks every op and may still refuse (NotTileable).
+    tileable: bool = False
+    channels_last: bool = False  # the trunk runs channels-last (CPU and CUDA: faster)
+    autocast: torch.dtype | None = None  # bf16/fp16 precision: autocast to this dtype
+
+    def autocast_context(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(
+            self.device.type, dtype=self.autocast, enabled=self.autocast is not None
+        )
 
     @classmethod
     def resolve(
@@ -168,6 +117,9 @@ class Runtime:
             budget=budget,
             memory=memory,
             tf32=config.precision != "fp32",
+            tileable=trunk.maskable,
+            channels_last=device.type in ("cuda", "cpu"),
+            autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision),
         )
 
     def apply(self) -> None:
@@ -240,10 +192,10 @@ def on_rank0(ctx: Dist, work: Callable[[], T]) -> T:
         if error is not None and not isinstance(error, SppError):  # a bug, not the user's
             if ctx.active:
                 name = f"{type(error).__name__}: {printable(str(error))}"
-                share(ctx, (None, OutputError(f"rank 0 failed: {name}")))
+                broadcast(ctx, (None, OutputError(f"rank 0 failed: {name}")))
             raise error
     if ctx.active:
-        result, error = share(ctx, (result, error))
+        result, error = broadcast(ctx, (result, error))
         if error is not None and ctx.rank != 0:
             error.reported_by_rank0 = True  # type: ignore[attr-defined]  # rank 0 prints it
     if error is not None:
@@ -255,16 +207,26 @@ def on_every_rank(ctx: Dist, work: Callable[[], T], what: str) -> T:
     """Every rank does ``work`` (``what``: "build the model"); if it fails anywhere, every
     rank raises, so no rank goes on into a collective that the failed one never joins. The
     failing rank raises its own error; the others an error of the same kind naming it."""
+    return gathered(ctx, work, what, everyone=False)  # type: ignore[return-value]
+
+
+def gathered(
+    ctx: Dist, work: Callable[[], T], what: str = "read the inputs", *, everyone: bool = True
+) -> Any:
+    """Every rank does ``work``; returns every rank's result (a list, in rank order), or with
+    ``everyone=False`` this rank's own. If it fails on any rank, every rank raises (see
+    ``on_every_rank``)."""
     result, error = _attempt(work, what)
     if error is not None and not isinstance(error, SppError) and not ctx.active:
         raise error
+    results = [result]
     if ctx.active:
-        gathered: list[Any] = [None] * ctx.world
+        gathered_values: list[Any] = [None] * ctx.world
         # Plain values only: an exception class need not pickle, and a rank that failed to
         # send would leave the others waiting.
         sent = None if error is None else (isinstance(error, ConfigError), str(error))
-        dist.all_gather_object(gathered, sent)
-        failed = [(rank, e) for rank, e in enumerate(gathered) if e is not None]
+        dist.all_gather_object(gathered_values, (sent, result if everyone else None))
+        failed = [(rank, e) for rank, (e, _) in enumerate(gathered_values) if e is not None]
         if failed:
             first, (config_error, message) = failed[0]
             if error is None:
@@ -272,11 +234,13 @@ def on_every_rank(ctx: Dist, work: Callable[[], T], what: str) -> T:
                 error = kind(f"rank {first}: {message}")
             elif not isinstance(error, SppError):
                 raise error  # a bug: its traceback, on the rank that hit it
-            if ctx.rank != first:
-                error.reported_by_rank0 = True  # type: ignore[attr-defined]  # rank `first` prints it
+            if ctx.rank != first and not isinstance(error, Interrupted):
+                # rank `first` prints it (a signal reaches every rank: each says so itself)
+                error.reported_by_rank0 = True  # type: ignore[attr-defined]
+        results = [value for _, value in gathered_values]
     if error is not None:
         raise error
-    return result
+    return results if everyone else result
 
 
 def _attempt(work: Callable[[], T], what: str) -> tuple[Any, BaseException | None]:
@@ -292,7 +256,7 @@ def _attempt(work: Callable[[], T], what: str) -> tuple[Any, BaseException | Non
         return None, exc
 
 
-def share(ctx: Dist, value: Any) -> Any:
+def broadcast(ctx: Dist, value: Any) -> Any:
     """Rank 0's ``value`` on every rank."""
     box = [value]
     dist.broadcast_object_list(box, src=0)

@@ -1,5 +1,6 @@
-"""Shard files: one window of the sorted image list per file, committed atomically, and the
-run state read back from them for resume.
+"""Shard files: one window of the sorted image list per file, committed atomically
+(``ShardWriter``), filled from a run's outcomes (``ShardSink``), and the run state read back
+from them for resume (``read_state``).
 
 Work is written in shard files under ``<output>.shards/<run>/``. A shard is written as
 ``*.tmp``, closed, fsync'd and renamed, and the directory is fsync'd, so a shard either
@@ -8,18 +9,24 @@ exists whole or not at all (appending to one HDF5 file did not survive SIGKILL i
 
 from __future__ import annotations
 
+import contextvars
 import os
+import queue
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
+from .discovery import ImageRef
 from .errors import OutputError, option, printable
-from .records import RowMeta
+from .planning import Planner
+from .records import Failure, Outcome, RowMeta
 from .storage import (
     BYTES,
     ROW_FIELDS,
@@ -34,6 +41,9 @@ from .storage import (
     fsync_dir,
     key_text,
 )
+
+if TYPE_CHECKING:
+    from .decoding import Batch
 
 _SHARD = re.compile(r"^a(\d{4})-r(\d{4})-(\d{6})\.h5$")
 
@@ -132,6 +142,156 @@ class ShardWriter:
         self._guard.release()
 
 
+class ShardSink:
+    """Outcomes in, committed shards out. Each window of the plan is one shard, committed when
+    the batches move on to the next window; writes run in order on a background thread so
+    HDF5 I/O overlaps compute. The time a window took is what the planner learns its speed
+    from (``Planner.learn``)."""
+
+    def __init__(
+        self,
+        work: Sequence[ImageRef],
+        planner: Planner,
+        run_dir: Path,
+        name: Callable[[int], str],
+        dim: int,
+        dtype: str,
+        attrs: dict[str, Any],
+    ) -> None:
+        self.work, self.planner, self.run_dir = work, planner, run_dir
+        self.name, self.dim, self.dtype, self.attrs = name, dim, dtype, attrs
+        self.writer = BackgroundWriter()
+        self.open: dict[int, ShardWriter] = {}
+        self.failures: list[tuple[str, str, str]] = []  # (path, error class, message)
+        self.done = 0  # images handled (vectors or failures)
+        self.window = -1
+        self.window_started = time.monotonic()
+
+    def moves_on(self, batch: Batch) -> bool:
+        """Whether ``batch`` would commit the open window (``begin``)."""
+        return self.window >= 0 and batch.window != self.window
+
+    def begin(self, batch: Batch) -> None:
+        """Called before ``batch`` is computed: a new window commits the one before."""
+        if batch.window != self.window:
+            if self.window >= 0:
+                self.planner.learn(self.window, time.monotonic() - self.window_started)
+                self._commit(self.window)
+            self.window, self.window_started = batch.window, time.monotonic()
+
+    def record(self, batch: Batch, outcomes: Sequence[Outcome]) -> None:
+        """``outcomes``: one per decoded image of ``batch`` (a vector or a failure); each row's
+        metadata is the decoder's, completed with what compute found."""
+        shard = self._shard(self.window)
+        start = self.planner.windows[self.window].start
+        for item in batch.failures:
+            self._fail(shard, item.index - start, item.index, item.meta)
+        positions, vectors, metas = [], [], []
+        for index, meta, result in zip(batch.indices, batch.metas, outcomes, strict=True):
+            if isinstance(result, Failure):
+                failed = replace(meta, error_class=result.kind, error=result.message)
+                self._fail(shard, index - start, index, failed)
+            else:
+                positions.append(index - start)
+                vectors.append(result.values.numpy())
+                metas.append(
+                    replace(meta, feature_map_size=result.feature_map_size, tiles=result.tiles)
+                )
+        if positions:
+            block = np.stack(vectors)
+            self.writer.submit(lambda: shard.put(positions, block, metas))
+        self.done += len(batch.indices) + len(batch.failures)
+        self.writer.check()
+
+    def finish(self) -> None:
+        if self.window >= 0:
+            self._commit(self.window)
+        self.writer.drain()
+
+    def keep(self) -> None:
+        """After an interruption: commit every open shard as it is (missing rows stay missing)."""
+        for window in list(self.open):
+            self._commit(window)
+        self.writer.drain()
+
+    def abandon(self) -> None:
+        self.writer.close()  # runs what is queued, or skips it after a write error
+        for shard in self.open.values():
+            shard.discard()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def _shard(self, window: int) -> ShardWriter:
+        if window not in self.open:
+            w = self.planner.windows[window]
+            refs = self.work[w.start : w.stop]
+            # h5py serialises calls itself, so the writer thread may be busy with the last one
+            self.open[window] = ShardWriter(
+                self.run_dir,
+                self.name(window),
+                [r.key_bytes for r in refs],
+                [r.source for r in refs],
+                self.dim,
+                self.dtype,
+                {**self.attrs, "window": window},
+            )
+        return self.open[window]
+
+    def _commit(self, window: int) -> None:
+        shard = self.open.pop(window, None)
+        if shard is not None:
+            self.writer.submit(shard.commit)
+
+    def _fail(self, shard: ShardWriter, position: int, index: int, meta: RowMeta) -> None:
+        self.failures.append((self.work[index].key, meta.error_class, meta.error))
+        self.writer.submit(lambda: shard.fail(position, meta))
+
+
+class BackgroundWriter:
+    """Runs shard writes on a thread, in order, so HDF5 I/O overlaps compute."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        # In the caller's context: messages built there use the caller's terms (errors.option).
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._loop,),
+            name="spp-writer",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (task := self._queue.get()) is not None:
+            try:
+                if self.error is None:
+                    task()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                self.error = exc
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def submit(self, task: Callable[[], None]) -> None:
+        self.check()
+        self._queue.put(task)
+
+    def drain(self) -> None:
+        self._queue.join()
+        self.check()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
 def shard_name(attempt: int, rank: int, seq: int) -> str:
     return f"a{attempt:04d}-r{rank:04d}-{seq:06d}.h5"
 
@@ -206,7 +366,7 @@ def read_state(run_dir: Path) -> RunState:
         except (OSError, KeyError, ValueError) as exc:
             raise OutputError(
                 f"shard {path} is unreadable ({printable(str(exc))}); move it away and rerun with "
-                f"{option('resume')} to redo its images"
+                f"{option('mode', 'resume')} to redo its images"
             ) from None
         for row, key in enumerate(keys):
             if status[row] != STATUS_MISSING:  # later shards supersede earlier ones

@@ -78,7 +78,7 @@ def disk_error(exc: Exception, path: Path, advice: str | None = None) -> OutputE
     if advice is None:
         advice = (
             f"everything committed so far is kept — {'free space' if full else 'fix that'}, "
-            f"then rerun the same command with {option('resume')}"
+            f"then rerun the same command with {option('mode', 'resume')}"
         )
     return OutputError(f"stopped: {what} while writing {path}; {advice}")
 

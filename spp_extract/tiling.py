@@ -1,250 +1,50 @@
 """Exact tiled inference: a trunk run tile by tile equals the trunk run on the whole image.
 
-The receptive field is computed, not looked up: the trunk runs once on the meta device (no
-memory, no compute) under a torch function mode that follows every tensor derived from the
-input and composes, at each conv and pool, its kernel, stride, padding and dilation into the
-field of that tensor: output cell ``j`` of a tensor depends on input rows
-``[j*S + lo, j*S + hi]`` (per axis). Ops that keep positions (pointwise, BN, LayerNorm over
-channels, add, cat, permute) take the union of their inputs' fields, so branches (ResNet,
-DenseNet, GoogLeNet) give the longest path, not a sum. Ops that mix all positions or move
-them (adaptive pooling, interpolation, padding, ...) make the trunk untileable.
-
 Tiling rule (the same "valid region" idea as masked padding): output cells are cut into
 cores; each tile's input starts on a multiple of the total stride ``S`` (so every layer's
 grid lines up with the whole image's) and reaches ``-lo`` before and ``hi`` after its core's
-cells (the halo), clipped at the image's true borders, where the tile's own zero padding is
-the whole image's. The core of each tile's output then equals the whole-image map there, and
-the stitched map has the whole-image size whatever the trunk's floor/ceil rules, because a
-tile that starts at a multiple of every layer's stride has exactly the whole image's output
-grid, shifted.
+cells (the halo, from ``receptive.receptive_field``), clipped at the image's true borders,
+where the tile's own zero padding is the whole image's. The core of each tile's output then
+equals the whole-image map there, and the stitched map has the whole-image size whatever the
+trunk's floor/ceil rules, because a tile that starts at a multiple of every layer's stride has
+exactly the whole image's output grid, shifted.
+
+``Tiler`` is the tiled path of an extraction: tiles sized to a memory budget (``choose_tiling``),
+refused when they would cost far more than the whole image, run and stitched (or the SPP bins
+accumulated tile by tile when even the map does not fit).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
-from .masking import meta_copy, valid_mask
-from .memory import MemoryModel
-from .pooling import PoolingMode
+from .masking import meta_copy
+from .memory import MemoryModel, show_size
+from .pooling import PoolingMode, spatial_pyramid_pool
+from .receptive import Field, NotTileable, ReceptiveField, output_size, pair, receptive_field
+from .records import Failure, Outcome, Vector
+
+if TYPE_CHECKING:
+    from .model import SppModel
+    from .runtime import Runtime
 
 Span = tuple[int, int]  # [start, stop)
-
-
-@dataclass(frozen=True)
-class Field:
-    """Where output cell ``j`` looks along one axis: input ``[j*stride + lo, j*stride + hi]``."""
-
-    stride: int = 1
-    lo: int = 0
-    hi: int = 0
-
-    def then(self, kernel: int, stride: int, padding: int, dilation: int) -> Field:
-        """The field after one more conv/pool with these settings."""
-        return Field(
-            self.stride * stride,
-            self.lo - padding * self.stride,
-            self.hi + (dilation * (kernel - 1) - padding) * self.stride,
-        )
-
-    def union(self, other: Field) -> Field:
-        if self.stride != other.stride:
-            raise NotTileable(f"branches with strides {self.stride} and {other.stride} meet")
-        return Field(self.stride, min(self.lo, other.lo), max(self.hi, other.hi))
-
-    @property
-    def radius(self) -> int:
-        return max(-self.lo, self.hi, 0)
-
-
-@dataclass(frozen=True)
-class ReceptiveField:
-    """Per axis (rows, columns) field of a trunk's output cells in input pixels."""
-
-    rows: Field
-    cols: Field
-
-    @property
-    def stride(self) -> tuple[int, int]:
-        return self.rows.stride, self.cols.stride
-
-    @property
-    def radius(self) -> tuple[int, int]:
-        return self.rows.radius, self.cols.radius
-
-
-class NotTileable(ValueError):
-    """The trunk has an op whose output is not a local function of its input."""
-
-
-_POSITIONAL = {  # argument names after the input, in order
-    "conv2d": ("weight", "bias", "stride", "padding", "dilation", "groups"),
-    "max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-    "max_pool2d_with_indices": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-    "avg_pool2d": ("kernel_size", "stride", "padding", "ceil_mode"),
-}
-# Ops that mix or move positions: a trunk using one on its activations cannot be tiled.
-_GLOBAL_OPS = (
-    "adaptive",
-    "interpolate",
-    "upsample",
-    "pad",
-    "unfold",
-    "fold",
-    "roll",
-    "flip",
-    "grid_sample",
-    "pixel_shuffle",
-    "pixel_unshuffle",
-    "matmul",
-    "bmm",
-    "softmax",
-    "scaled_dot_product",
-    "multi_head",
-    "instance_norm",
-    "group_norm",
-    "local_response_norm",
-)
-Dims = tuple[int, int]  # which axes of a tensor are (rows, columns)
-
-
-def _pair(value: object) -> tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        return (int(value[0]), int(value[-1]))
-    return (int(value), int(value))  # type: ignore[call-overload]
-
-
-class _Tracer(TorchFunctionMode):
-    """Follows the field (and spatial axes) of every tensor derived from the input through
-    one forward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        # id -> (tensor, kept alive so that ids stay unique; field; its spatial axes)
-        self.fields: dict[int, tuple[Tensor, ReceptiveField, Dims]] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        flat, _ = tree_flatten((args, kwargs))
-        known = [
-            (t, *self.fields[id(t)][1:])
-            for t in flat
-            if isinstance(t, Tensor) and id(t) in self.fields
-        ]
-        if not known:
-            return out
-        name = getattr(func, "__name__", "").lstrip("_")
-        source, _, dims = known[0]
-        if any(word in name for word in _GLOBAL_OPS):
-            raise NotTileable(f"it applies {name}, which is not a local op")
-        if name in _POSITIONAL:
-            if dims != (source.dim() - 2, source.dim() - 1):
-                raise NotTileable(f"{name} on a tensor whose spatial axes are {dims}")
-            field = self._layer(name, known[0][1], args, kwargs)
-        else:
-            field = _union([f for _, f, _ in known])
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, Tensor) and tensor.dim() >= 2:
-                self.fields[id(tensor)] = (
-                    tensor,
-                    field,
-                    _spatial(name, args, source, dims, tensor),
-                )
-        return out
-
-    @staticmethod
-    def _layer(name: str, field: ReceptiveField, args: tuple, kwargs: dict) -> ReceptiveField:
-        values = dict(zip(_POSITIONAL[name], args[1:], strict=False)) | kwargs
-        if name == "conv2d":
-            kernel = tuple(values["weight"].shape[-2:])
-            padding = values.get("padding", 0)
-            dilation = _pair(values.get("dilation", 1))
-            if padding == "same":
-                padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
-            elif padding == "valid":
-                padding = 0
-        else:
-            kernel = _pair(values["kernel_size"])
-            padding = values.get("padding", 0)
-            dilation = _pair(values.get("dilation", 1))
-        stride = values.get("stride") or kernel  # pools: stride None means the kernel size
-        s, p = _pair(stride), _pair(padding)
-        return ReceptiveField(
-            field.rows.then(kernel[0], s[0], p[0], dilation[0]),
-            field.cols.then(kernel[1], s[1], p[1], dilation[1]),
-        )
-
-
-def _spatial(name: str, args: tuple, source: Tensor, dims: Dims, out: Tensor) -> Dims:
-    """Where the rows and columns of ``source`` (at ``dims``) went in ``out``."""
-    if name in _POSITIONAL:
-        return dims  # a conv or pool: its own output grid, same axes
-    if name in ("permute", "transpose", "swapaxes", "swapdims"):
-        rest = args[1:]
-        if name == "permute":
-            order = [
-                int(d) % source.dim()
-                for d in (
-                    rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-                )
-            ]
-        else:
-            a, b = (int(d) % source.dim() for d in rest[:2])
-            order = list(range(source.dim()))
-            order[a], order[b] = order[b], order[a]
-        return order.index(dims[0]), order.index(dims[1])
-    sizes = (source.shape[dims[0]], source.shape[dims[1]])
-    if name == "linear" and source.dim() - 1 in dims:
-        raise NotTileable("a linear layer mixes positions along a spatial axis")
-    if name == "layer_norm":
-        normalized = args[1] if len(args) > 1 else ()
-        if source.dim() - len(normalized) <= max(dims):
-            raise NotTileable("a layer norm normalises over spatial axes")
-    if out.dim() == source.dim() and (out.shape[dims[0]], out.shape[dims[1]]) == sizes:
-        return dims
-    if dims == (source.dim() - 2, source.dim() - 1) and tuple(out.shape[-2:]) == sizes:
-        return out.dim() - 2, out.dim() - 1  # view, unsqueeze, x[:, 0]: rows and columns last
-    raise NotTileable(
-        f"{name} changes the spatial extent ({tuple(source.shape)} -> {tuple(out.shape)})"
-    )
-
-
-def _union(fields: Sequence[ReceptiveField]) -> ReceptiveField:
-    rows, cols = fields[0].rows, fields[0].cols
-    for f in fields[1:]:
-        rows, cols = rows.union(f.rows), cols.union(f.cols)
-    return ReceptiveField(rows, cols)
-
-
-def receptive_field(module: nn.Module, probe: int = 512) -> ReceptiveField:
-    """The field of the trunk's output cells, from one meta-device forward of a
-    ``probe x probe`` input. Raises :class:`NotTileable` for trunks with global ops."""
-    meta = module if _on_meta(module) else meta_copy(module)
-    x = torch.empty(1, 3, probe, probe, device="meta")
-    tracer = _Tracer()
-    tracer.fields[id(x)] = (x, ReceptiveField(Field(), Field()), (2, 3))
-    with torch.inference_mode(), tracer:
-        out = meta(x)
-    if id(out) not in tracer.fields:
-        raise NotTileable("its output does not follow from its input through known ops")
-    return tracer.fields[id(out)][1]
-
-
-def _on_meta(module: nn.Module) -> bool:
-    return all(t.device.type == "meta" for t in [*module.parameters(), *module.buffers()])
-
-
-def output_size(meta: nn.Module, height: int, width: int) -> tuple[int, int]:
-    """The trunk's output (h, w) for an input of this size (meta device, no compute)."""
-    with torch.inference_mode():
-        out = meta(torch.empty(1, 3, height, width, device="meta"))
-    return int(out.shape[-2]), int(out.shape[-1])
+__all__ = [
+    "NotTileable",
+    "Tiler",
+    "fitting_core",
+    "meta_copy",
+    "output_size",
+    "plan_tiles",
+    "receptive_field",
+    "tiled_spp",
+    "tiled_trunk",
+]
 
 
 @dataclass(frozen=True)
@@ -293,7 +93,7 @@ def plan_tiles(
 ) -> TilePlan:
     """Cut a ``size`` input whose whole map is ``out_size`` into tiles whose cores are
     ``core`` output cells (``core * stride`` input pixels) per side."""
-    ch, cw = _pair(core)
+    ch, cw = pair(core)
     if ch < 1 or cw < 1:
         raise ValueError(f"core must be at least one output cell, got {core}")
     rows = _axis(size[0], out_size[0], field.rows, ch)
@@ -507,23 +307,62 @@ def tiled_spp(
     return torch.cat([block.flatten(1) for block in acc], dim=1)
 
 
-def normalising(
-    mean: Tensor,
-    std: Tensor,
-    image_size: tuple[int, int],
-    dtype: torch.dtype = torch.float32,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> Prepare:
-    """A ``prepare`` for uint8 tiles: scale to [0, 1], normalise, and zero what lies outside
-    the image (the min-size margin), as the whole-image run does; one tile at a time."""
+class Tiler:
+    """The tiled path of an extraction: one uint8 image over the memory budget -> its vector,
+    with the tiles used, or a ``too_large`` failure when tiles that fit would cost more than
+    ``MAX_TILING_COST`` times the whole image (the least budget that works is named). The
+    receptive field is traced once, on first use. No full-size float copy of the image: each
+    tile is normalised as it runs (``SppModel.normalize``)."""
 
-    def prepare(part: Tensor, tile: Tile) -> Tensor:
-        x = part.to(mean.device, non_blocking=True).to(dtype).div_(255.0)
-        x = (x - mean) / std
-        inside = (image_size[0] - tile.rows[0], image_size[1] - tile.cols[0])
-        if inside[0] < x.shape[-2] or inside[1] < x.shape[-1]:
-            sizes = torch.tensor([inside], device=x.device).expand(x.shape[0], 2)
-            x = torch.where(valid_mask(sizes, x.shape[-2], x.shape[-1]), x, 0.0)
-        return x.contiguous(memory_format=memory_format)
+    def __init__(self, model: SppModel, runtime: Runtime) -> None:
+        self.model = model
+        self.runtime = runtime
+        self._traced: tuple[ReceptiveField, nn.Module] | None = None
 
-    return prepare
+    def _field(self) -> tuple[ReceptiveField, nn.Module]:
+        if self._traced is None:
+            meta = meta_copy(self.model.trunk)
+            self._traced = receptive_field(meta), meta
+        return self._traced
+
+    def at_smallest(self, budget: int, size: tuple[int, int]) -> bool:
+        """Whether ``budget`` already gives tiles of one output cell (nothing smaller to try)."""
+        side = smallest_tile(self._field()[0])
+        return self.runtime.memory.peak(side, side) + 3 * size[0] * size[1] >= budget
+
+    def __call__(
+        self, pixels: Tensor, image_size: tuple[int, int], budget: int, *, backbone: str
+    ) -> Outcome:
+        """``pixels: Tensor[1, 3, h, w]`` uint8 (the input, min-size margin included)."""
+        field, meta = self._field()
+        h, w = pixels.shape[-2:]
+        out_size = output_size(meta, h, w)
+        facts = (field, (h, w), out_size, self.model.channels, self.runtime.memory)
+        tiling = choose_tiling(*facts, budget)
+        if not tiling.sensible:
+            # Tiles so small that halos and per-tile calls are nearly all the work: refuse.
+            better = smallest_budget(*facts, budget)
+            return Failure(
+                "too_large",
+                f"{h}x{w}: max_memory = {show_size(budget)} leaves room only for tiles that "
+                f"would compute the image {tiling.times_over:.0f} times over (halos of "
+                f"{backbone}'s receptive field, and a call per tile); not attempted — give "
+                f"max_memory at least {show_size(better, up=True)}",
+            )
+        memory_format = (
+            torch.channels_last if self.runtime.channels_last else torch.contiguous_format
+        )
+
+        def prepare(part: Tensor, tile: Tile) -> Tensor:
+            inside = (image_size[0] - tile.rows[0], image_size[1] - tile.cols[0])
+            return self.model.normalize(part, [inside]).contiguous(memory_format=memory_format)
+
+        levels, mode = self.model.spp.levels, self.model.spp.mode
+        trunk = self.model.trunk
+        with self.runtime.autocast_context():
+            if tiling.stream:
+                vector = tiled_spp(trunk, pixels, tiling.plan, levels, mode, prepare=prepare)
+            else:
+                stitched = tiled_trunk(trunk, pixels, tiling.plan, prepare=prepare)
+                vector = spatial_pyramid_pool(stitched.float(), levels, mode)  # (1, D)
+        return Vector(vector[0].to("cpu"), (int(out_size[0]), int(out_size[1])), len(tiling.plan))

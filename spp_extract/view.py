@@ -79,7 +79,7 @@ def assemble(
     if missing and complete:
         raise OutputError(
             f"{len(missing)} images have no committed result (first: {printable(key_text(missing[0]))!r}); "
-            f"rerun with {option('resume')}"
+            f"rerun with {option('mode', 'resume')}"
         )
     wanted = [k for k in wanted if k in state.records]
     records = [(k, state.records[k]) for k in wanted]

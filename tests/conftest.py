@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import math
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 CRASH_RUNNER = Path(__file__).with_name("crash_runner.py")  # the CLI with a fault injected
@@ -25,6 +27,33 @@ from spp_extract import Config, images  # noqa: E402
 from spp_extract.storage import ROW_FIELDS  # noqa: E402
 
 FAST_CONFIG = Config(backbone="resnet18", weights="none", workers=0)
+# The same on the command line (quiet).
+FAST_FLAGS = ["--backbone", "resnet18", "--weights", "none", "--workers", "0", "-q"]
+_runner = CliRunner()
+
+
+def cli(*args: object):
+    """The CLI in this process (typer's CliRunner); ``result.stderr`` holds its messages."""
+    from spp_extract.cli import app
+
+    return _runner.invoke(app, [str(a) for a in args])
+
+
+def one_line(result, code: int) -> str:  # noqa: ANN001
+    """The one stderr line of a command that exited with ``code``."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal (progress bars draw only on one)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 from spp_extract.backbones import Trunk  # noqa: E402
 
 
@@ -99,6 +128,20 @@ def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
     return make_examples_photo(height, width, seed)
 
 
+def make_extractor(
+    trunk: Trunk, config: Config, *, padded: bool = False, budget: int | None = None
+):
+    """An Extractor on the CPU with the run's decisions, but padded batching and the memory
+    budget as the test says."""
+    import dataclasses
+
+    from spp_extract.compute import Extractor
+    from spp_extract.runtime import Runtime
+
+    runtime = Runtime.resolve(config, trunk, device=torch.device("cpu"))
+    return Extractor(trunk, config, dataclasses.replace(runtime, padded=padded, budget=budget))
+
+
 def loop_spp(x: torch.Tensor, levels: tuple[int, ...], mode: str) -> torch.Tensor:
     """Reference SPP for x: (C, H, W): a plain loop over bins, [floor(i*a/n), ceil((i+1)*a/n))."""
     c, h, w = x.shape
@@ -157,6 +200,7 @@ def run_python(
     wait: bool = True,
     new_session: bool = False,
     timeout: float = 300,
+    cwd: Path | None = None,
 ):
     """``python ARGS`` in a fresh interpreter that imports this checkout's spp_extract: the one
     way tests start the CLI (``run_python(CRASH_RUNNER, fault, "--", "extract", ...)``), torchrun
@@ -165,12 +209,18 @@ def run_python(
     wait: run to the end and return the CompletedProcess (stdout and stderr as text); else
     return the Popen at once, stderr piped, stdout inherited. new_session: its own process
     group, like a job in a terminal. env: added to (and overriding) this process's environment.
+    cwd: where it runs (``python -m`` puts that folder first on the import path).
     """
     command = [sys.executable, *map(str, args)]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     if not wait:
         return subprocess.Popen(
-            command, env=full_env, stderr=subprocess.PIPE, text=True, start_new_session=new_session
+            command,
+            env=full_env,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=new_session,
+            cwd=cwd,
         )
     return subprocess.run(
         command,
@@ -179,7 +229,14 @@ def run_python(
         text=True,
         timeout=timeout,
         start_new_session=new_session,
+        cwd=cwd,
     )
+
+
+def crash_cli(fault: str, *args: object, **kwargs: object):
+    """The CLI in a fresh interpreter with ``fault`` injected (see crash_runner.py);
+    ``kwargs`` go to run_python."""
+    return run_python(CRASH_RUNNER, fault, "--", *args, **kwargs)
 
 
 def fast_commits(folder: Path) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CRASH_RUNNER, assert_same, fast_commits, keyed, photo, run_python
+from conftest import assert_same, crash_cli, fast_commits, keyed, photo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -67,10 +67,8 @@ FAULTS = ["kill-in-commit", "kill-after-commit", "kill-in-put", "kill-in-assembl
 
 
 def _cli(fault: str, folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_python(
-        CRASH_RUNNER,
+    return crash_cli(
         fault,
-        "--",
         "extract",
         folder,
         "-o",

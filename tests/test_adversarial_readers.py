@@ -30,8 +30,9 @@ from spp_extract import (
     merge,
     read_features,
 )
+from spp_extract.neighbors import neighbors
+from spp_extract.projection import Projection, fit_projection, project_file
 from spp_extract.reader import summary
-from spp_extract.retrieval import Projection, fit_projection, neighbors, project_file
 
 SLOW_SETTINGS = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -7,19 +7,13 @@ from conftest import photo
 from torchvision.models import get_model, get_model_weights
 
 from spp_extract import Config, ConfigError, extract, read_features
-from spp_extract.backbones import (
-    FAMILIES,
-    build_trunk,
-    describe,
-    expected_cache_file,
-    resolve,
-    supported_backbones,
-)
+from spp_extract.backbones import FAMILIES, build_trunk, describe, list_backbones, resolve
+from spp_extract.weights import expected_cache_file
 
 
 @pytest.mark.slow
 def test_every_family_has_models_and_a_valid_default_layer():
-    names = supported_backbones()
+    names = list_backbones()
     for family in FAMILIES:
         members = [n for n in names if n.startswith(family.prefix)]
         assert members, family.prefix

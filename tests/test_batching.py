@@ -4,12 +4,18 @@ import logging
 
 import pytest
 import torch
-from conftest import assert_vectors_close, loop_spp, photo, reference_vector, rel_err
+from conftest import (
+    assert_vectors_close,
+    loop_spp,
+    make_extractor,
+    photo,
+    reference_vector,
+    rel_err,
+)
 from PIL import Image
 
 from spp_extract import Config, extract, read_features
 from spp_extract.backbones import build_trunk
-from spp_extract.compute import Extractor
 from spp_extract.masking import MaskedTrunk, maskable
 
 pytestmark = pytest.mark.slow  # every test runs models or starts processes (> 1 s each)
@@ -118,10 +124,13 @@ def test_squeeze_excitation_backbone_falls_back_and_stays_exact(tmp_path, mixed_
 
 def test_out_of_memory_splits_the_batch_and_tiles_only_the_image_that_never_fits(monkeypatch):
     config = Config(backbone="resnet18", weights="none", levels=(2, 1))
-    extractor = Extractor(build_trunk(config), config, torch.device("cpu"), padded=True)
+    extractor = make_extractor(build_trunk(config), config, padded=True)
     real_run = extractor._run
 
+    tried: list[int] = []  # the batch sizes run, in order
+
     def limited(pixels, metas):
+        tried.append(len(metas))
         if len(metas) > 2 or any(m.image_size == (77, 77) for m in metas):
             raise torch.OutOfMemoryError("simulated")
         return real_run(pixels, metas)
@@ -138,6 +147,8 @@ def test_out_of_memory_splits_the_batch_and_tiles_only_the_image_that_never_fits
     ]
     monkeypatch.setattr(extractor, "_run", limited)
     results = extractor(pixels, metas)
+    # the whole batch, then its halves (2 and 3), each split again until its parts fit
+    assert tried[:2] == [5, 2] and 3 in tried and max(tried[1:]) <= 3
     # The image that never fits whole is retried in tiles (issue 10), which do not go through
     # _run; a failure of the tiles too is tested in test_tiling.py.
     assert results[1].tiles > 1 and metas[1].tiles == 0  # a result, not a changed input

@@ -1,5 +1,6 @@
 """The command line as a contract: exit codes, one-line messages, nothing written on refusal."""
 
+import importlib.metadata
 import io
 import os
 import shlex
@@ -11,19 +12,14 @@ import h5py
 import pytest
 import torch
 import typer
-from conftest import photo, run_python
+from conftest import FAST_FLAGS, Terminal, photo, run_python
+from conftest import cli as _run
 from PIL import Image
-from typer.testing import CliRunner
 
 from spp_extract import cli
-from spp_extract.cli import CONFIG_FLAGS, Progress, app, resume_command
+from spp_extract.cli import CONFIG_FLAGS, ProgressBar, app, resume_command
 
-runner = CliRunner()
-FAST = ["--backbone", "resnet18", "--weights", "none", "--workers", "0", "-q"]
-
-
-def _run(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
+FAST = FAST_FLAGS
 
 
 def _nothing_written(folder: Path) -> bool:
@@ -101,7 +97,7 @@ def test_refusals_exit_2(tmp_path, example_dir, args, fragment):
     assert _nothing_written(tmp_path)
 
 
-def test_no_images_and_unwritable_output(tmp_path):
+def test_no_images_and_a_missing_output_folder(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("x")
@@ -270,7 +266,8 @@ def test_config_command_takes_every_configuration_flag_of_extract():
 
 def test_version():
     result = _run("--version")
-    assert result.exit_code == 0 and result.output.strip() == "spp-extract 0.1.0"
+    installed = importlib.metadata.version("spp-extract")
+    assert result.exit_code == 0 and result.output.strip() == f"spp-extract {installed}"
 
 
 @pytest.mark.slow
@@ -291,25 +288,20 @@ def test_help_and_version_import_no_torch_and_the_api_still_imports():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 def test_progress_draws_only_on_a_terminal_and_only_with_work():
-    tty = _Terminal()
-    nothing = Progress(tty)
+    tty = Terminal()
+    nothing = ProgressBar(tty)
     nothing(0, 0)
     nothing.close()
     assert tty.getvalue() == ""  # a resume with nothing to do: no "0img [00:00, ?img/s]"
     log = io.StringIO()
-    piped = Progress(log)
+    piped = ProgressBar(log)
     piped.status("loading resnet50 ...")
     piped(0, 5)
     piped(5, 5)
     piped.close()
     assert log.getvalue() == ""  # not a terminal: the summary line is enough
-    shown = Progress(tty)
+    shown = ProgressBar(tty)
     shown.status("loading resnet50 ...")
     shown(0, 5)
     shown(5, 5)
@@ -317,7 +309,7 @@ def test_progress_draws_only_on_a_terminal_and_only_with_work():
     assert (
         tty.getvalue().startswith("spp-extract: loading resnet50 ...\n") and "5/5" in tty.getvalue()
     )
-    quiet = Progress(_Terminal(), enabled=False)
+    quiet = ProgressBar(Terminal(), enabled=False)
     quiet.status("x")
     quiet(0, 5)
     assert quiet.stream.getvalue() == ""
@@ -407,7 +399,7 @@ def test_interrupted_run_prints_a_resume_command_that_runs(tmp_path, example_dir
     assert "--overwrite" not in words and words.count("--resume") == 1
     result = _run(*words[3:])  # the printed command parses to the same run, now resumed
     assert result.exit_code == 130
-    assert calls[1] == {**calls[0], "resume": True, "overwrite": False}
+    assert calls[1] == {**calls[0], "mode": "resume"}
 
 
 def test_config_file_value_is_named_when_it_conflicts_with_a_flag(tmp_path, example_dir):

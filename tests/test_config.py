@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spp_extract import Config, ConfigError, load_config
-from spp_extract.config import KEYS, int_or_auto, parse_levels, to_toml
+from spp_extract.config import KEYS, to_toml
+from spp_extract.rules import int_or_auto, parse_levels
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,16 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import CRASH_RUNNER, TORCHRUN, assert_same, fast_commits, keyed, photo, run_python
+from conftest import (
+    CRASH_RUNNER,
+    TORCHRUN,
+    assert_same,
+    crash_cli,
+    fast_commits,
+    keyed,
+    photo,
+    run_python,
+)
 from PIL import Image
 
 from spp_extract import merge, read_features
@@ -34,7 +43,7 @@ def _run(inputs, out, *extra, fault="none", nproc=2, wait=True, env=None):
     launcher = [*TORCHRUN, f"--nproc-per-node={nproc}"] if nproc else []
     return run_python(
         *launcher,
-        CRASH_RUNNER,
+        CRASH_RUNNER,  # the launcher runs it: no crash_cli here
         fault,
         "--",
         "extract",
@@ -154,19 +163,7 @@ def _ranks_by_hand(inputs, out, *extra, fault="none"):
             "MASTER_PORT": str(port),
         }
         processes.append(
-            run_python(
-                CRASH_RUNNER,
-                fault,
-                "--",
-                "extract",
-                inputs,
-                "-o",
-                out,
-                *ARGS,
-                *extra,
-                env=env,
-                wait=False,
-            )
+            crash_cli(fault, "extract", inputs, "-o", out, *ARGS, *extra, env=env, wait=False)
         )
     results = []
     for process in processes:

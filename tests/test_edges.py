@@ -14,30 +14,18 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_CONFIG, run_python, synthetic
+from conftest import FAST_CONFIG, cli, one_line, run_python, synthetic
 from PIL import Image
-from typer.testing import CliRunner
 
 from spp_extract import ConfigError, OutputError, extract, read_features
-from spp_extract.cli import app
-from spp_extract.errors import ImageError
+from spp_extract.neighbors import neighbors
+from spp_extract.projection import Projection, fit_projection, project_file, reduce
 from spp_extract.reader import iter_features
-from spp_extract.retrieval import Projection, fit_projection, neighbors, project_file, reduce
+from spp_extract.records import Failure
 from spp_extract.storage import shards_root
 from spp_extract.view import merge
 
-runner = CliRunner()
-
-
-def _run(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def _one_line(result, code: int) -> str:  # noqa: ANN001
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+_run, _one_line = cli, one_line
 
 
 # ----------------------------------------------------------------------------- 1: non-finite
@@ -48,7 +36,7 @@ def test_stored_values_are_cast_and_checked():
 
     vector = Vector(torch.tensor([1.0, -2.0, 70000.0]), (1, 1))
     overflow = stored(vector, torch.float16)
-    assert isinstance(overflow, ImageError) and overflow.kind == "non_finite"
+    assert isinstance(overflow, Failure) and overflow.kind == "non_finite"
     assert "float16 overflow" in overflow.message and "7e+04" in overflow.message
     ok = stored(vector, torch.float32)
     assert isinstance(ok, Vector) and ok.values.dtype == torch.float32
@@ -56,7 +44,7 @@ def test_stored_values_are_cast_and_checked():
     assert isinstance(half, Vector) and half.values.dtype == torch.float16
     for bad, word in ((float("nan"), "NaN"), (float("inf"), "inf")):
         failed = stored(Vector(torch.tensor([1.0, bad]), (1, 1)), torch.float32)
-        assert isinstance(failed, ImageError) and failed.kind == "non_finite"
+        assert isinstance(failed, Failure) and failed.kind == "non_finite"
         assert word in failed.message and "1 of 2 values" in failed.message
 
 
@@ -115,7 +103,8 @@ def with_bad_rows(tmp_path, real_h5):
 
 
 def _brute_force(x: np.ndarray, usable: np.ndarray, k: int) -> np.ndarray:
-    x = x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    x = x.astype(np.float64) / np.where(norm > 0, norm, 1)
     sim = x @ x.T
     sim[:, ~usable] = -np.inf
     np.fill_diagonal(sim, -np.inf)
@@ -188,7 +177,7 @@ def test_readers_racing_overwrite_read_the_old_output_whole(tmp_path, example_di
     other = FAST_CONFIG.replace(seed=1)  # other vectors: a stale read cannot pass for new
 
     def overwrite() -> None:
-        extract([example_dir], out, config=other, overwrite=True)
+        extract([example_dir], out, config=other, mode="overwrite")
 
     blocks = iter_features(out, block_rows=2)
     first = next(blocks)[1]
@@ -230,7 +219,7 @@ def test_readers_racing_overwrite_read_the_old_output_whole(tmp_path, example_di
         else:
             assert np.isfinite(result.similarity).all() and (result.index >= 0).all()
     # a later run removes the folders no reader holds any more
-    extract([example_dir], out, config=other, overwrite=True)
+    extract([example_dir], out, config=other, mode="overwrite")
     assert len(list(shards_root(out).glob("run-*"))) == 1
 
 
@@ -539,7 +528,7 @@ def _budget_of(message: str) -> str:
 def test_too_large_names_the_smallest_budget_that_works(tmp_path):
     """300x400 through resnet18 under 60 MB: the message's budget runs it (whole or tiled),
     and 1 MB less is refused again."""
-    from spp_extract.config import memory_size
+    from spp_extract.rules import memory_size
 
     folder = tmp_path / "in"
     folder.mkdir()

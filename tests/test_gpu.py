@@ -41,3 +41,7 @@ def test_bf16_is_close_but_opt_in(tmp_path, example_dir):
     extract([example_dir], bf16, config=base.replace(precision="bf16"))
     a, b = read_features(fp32).features, read_features(bf16).features
     assert 0 < rel_err(b, a) < 0.05
+    # opt-in: the default is exact fp32 with TF32 off, and the file says which ran
+    assert base.precision == "fp32" and read_features(fp32).attrs["precision"] == "fp32"
+    assert read_features(bf16).attrs["precision"] == "bf16"
+    assert not torch.backends.cuda.matmul.allow_tf32

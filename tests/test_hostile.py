@@ -8,12 +8,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import assert_vectors_close, photo, reference_vector
+from conftest import assert_vectors_close, make_extractor, photo, reference_vector
 from PIL import Image
 
-from spp_extract import Config, ImageError, decoding, extract, images, read_features
+from spp_extract import Config, decoding, extract, images, read_features
 from spp_extract.backbones import build_trunk
-from spp_extract.compute import Extractor
+from spp_extract.discovery import ImageRef
+from spp_extract.records import Failure
 
 CONFIG = Config(backbone="resnet18", weights="none", batch_size=2, decode_timeout=3)
 
@@ -111,7 +112,7 @@ def test_an_unexpected_decoder_exception_is_a_record(tmp_path, folder, monkeypat
 
 def _items(paths, min_side):
     return [
-        decoding.decode_item(images.ImageRef(p.name, str(p)), i, min_side, CONFIG)
+        decoding.decode_item(ImageRef(p.name, str(p)), i, min_side, CONFIG)
         for i, p in enumerate(paths)
     ]
 
@@ -137,7 +138,7 @@ def test_an_image_whose_decoded_size_differs_from_its_batch_gets_its_own_vector(
         Image.fromarray(photo(h, w, len(paths))).save(tmp_path / name)
         paths.append(tmp_path / name)
     trunk = build_trunk(CONFIG)
-    extractor = Extractor(trunk, CONFIG, torch.device("cpu"), padded=False)
+    extractor = make_extractor(trunk, CONFIG, padded=False)
     batch = decoding.collate(_items(paths, trunk.min_side))
     results = extractor(batch.pixels, batch.metas)
     for path, meta, vector in zip(paths, batch.metas, results, strict=True):
@@ -167,7 +168,7 @@ def test_cpu_out_of_memory_splits_the_batch_tiles_the_image_then_records_it(tmp_
         Image.fromarray(photo(40, 40, len(paths))).save(tmp_path / name)
         paths.append(tmp_path / name)
     trunk = build_trunk(CONFIG)
-    extractor = Extractor(trunk, CONFIG, torch.device("cpu"), padded=False)
+    extractor = make_extractor(trunk, CONFIG, padded=False)
     batch = decoding.collate(_items(paths, trunk.min_side))
     real_run = extractor._run
     big = batch.metas[1]
@@ -191,7 +192,7 @@ def test_cpu_out_of_memory_splits_the_batch_tiles_the_image_then_records_it(tmp_
 
     extractor._tiled = tiled  # not even the smallest tiles fit: recorded, the others done
     results = extractor(batch.pixels, batch.metas)
-    assert isinstance(results[1], ImageError) and results[1].kind == "out_of_memory"
+    assert isinstance(results[1], Failure) and results[1].kind == "out_of_memory"
     for i in (0, 2, 3):
         want = reference_vector(trunk, paths[i], CONFIG.levels)
         np.testing.assert_allclose(
@@ -202,7 +203,7 @@ def test_cpu_out_of_memory_splits_the_batch_tiles_the_image_then_records_it(tmp_
 def test_other_runtime_errors_are_not_taken_for_out_of_memory(tmp_path):
     Image.fromarray(photo(40, 40)).save(tmp_path / "a.png")
     trunk = build_trunk(CONFIG)
-    extractor = Extractor(trunk, CONFIG, torch.device("cpu"), padded=False)
+    extractor = make_extractor(trunk, CONFIG, padded=False)
     batch = decoding.collate(_items([tmp_path / "a.png"], trunk.min_side))
 
     def run(pixels, metas):
@@ -220,7 +221,7 @@ def test_isolated_decode_returns_the_pixels_with_the_dataloader_imported(tmp_pat
     path = tmp_path / "good.png"
     Image.fromarray(photo(300, 400)).save(path)
     want = images.decode(str(path), max_pixels=10**9).pixels
-    ref = images.ImageRef("good.png", str(path))
+    ref = ImageRef("good.png", str(path))
     for _ in range(10):
         item = decoding.isolated_decode(ref, 7, 1, CONFIG)
         assert item.meta.error_class == "" and item.index == 7

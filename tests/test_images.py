@@ -11,7 +11,8 @@ from conftest import photo, refuse_listing
 from PIL import Image, ImageFile
 
 from spp_extract import ConfigError, ImageError
-from spp_extract.images import decode, find_images, read_size
+from spp_extract.discovery import find_images
+from spp_extract.images import decode, read_size
 
 
 def _decode(path, **kw):

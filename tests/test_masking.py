@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+from conftest import make_extractor
 from torch import nn
 
 from spp_extract import Config
@@ -13,10 +14,9 @@ from spp_extract.backbones import (
     Trunk,
     build_trunk,
     describe,
+    list_backbones,
     resolve,
-    supported_backbones,
 )
-from spp_extract.compute import Extractor
 from spp_extract.masking import MaskedTrunk, maskable
 from spp_extract.pooling import spatial_pyramid_pool
 from spp_extract.records import RowMeta
@@ -25,7 +25,7 @@ from spp_extract.runtime import padded_batching
 LEVELS = (4, 2, 1)
 SIZES = [(37, 53), (61, 45), (64, 64)]  # odd sizes, all padded to 64 x 64 in one batch
 # A fast member of each family; a family not named here is tested with its first model.
-FAST = {
+FAST_MODEL = {
     "resnet": "resnet18",
     "resnext": "resnext50_32x4d",
     "wide_resnet": "wide_resnet50_2",
@@ -51,7 +51,7 @@ SLOW = {
 
 
 def _member(prefix: str) -> str:
-    return FAST.get(prefix) or next(n for n in supported_backbones() if n.startswith(prefix))
+    return FAST_MODEL.get(prefix) or next(n for n in list_backbones() if n.startswith(prefix))
 
 
 def _by_maskable(wanted: bool) -> list:  # noqa: ANN401
@@ -100,7 +100,7 @@ def test_masked_padded_batch_equals_each_image_alone(backbone):
     trunk = _trunk(backbone)
     config = Config(backbone=backbone, weights="none", levels=LEVELS)
     assert padded_batching(Config(backbone=backbone, batching="padded"), torch.device("cpu"), trunk)
-    extractor = Extractor(trunk, config, torch.device("cpu"), padded=True)
+    extractor = make_extractor(trunk, config, padded=True)
     assert extractor.masked is not None
     extra = max(0, trunk.min_side - min(min(s) for s in SIZES))  # every image over min_side
     pictures, batch, metas = _inputs([(h + extra, w + extra) for h, w in SIZES], trunk.min_side)
@@ -156,7 +156,7 @@ def test_trunk_with_an_op_not_exact_under_masks_batches_same_size_only(layer):
     config = Config(backbone="resnet18", weights="none", batching="padded", levels=LEVELS)
     padded = padded_batching(config, torch.device("cpu"), trunk)
     assert not padded
-    extractor = Extractor(trunk, config, torch.device("cpu"), padded=padded)
+    extractor = make_extractor(trunk, config, padded=padded)
     pictures, batch, metas = _inputs([(23, 31), (30, 17), (16, 16)], 1, seed=1)
     for picture, vector in zip(pictures, extractor(batch, metas), strict=True):
         expected = _alone(trunk, picture)

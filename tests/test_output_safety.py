@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import CRASH_RUNNER, keyed, photo, refuse_listing, run_python
+from conftest import crash_cli, keyed, photo, refuse_listing
 from PIL import Image
 
 from spp_extract import Config, ConfigError, OutputError, extract, merge, read_features
@@ -33,7 +33,7 @@ def folder(tmp_path: Path) -> Path:
 
 
 def _cli(fault: str, *args: object, wait: bool = True):
-    return run_python(CRASH_RUNNER, fault, "--", "extract", *args, *ARGS, wait=wait)
+    return crash_cli(fault, "extract", *args, *ARGS, wait=wait)
 
 
 # ----------------------------------------------------------------------------- one writer
@@ -103,7 +103,7 @@ def test_files_the_tool_did_not_write_are_never_replaced(tmp_path, folder, conte
         out.write_bytes(content)
     before = out.read_bytes()
     with pytest.raises(ConfigError, match="refusing to") as info:
-        extract([folder], out, config=CONFIG, **{mode: True})
+        extract([folder], out, config=CONFIG, mode=mode)
     assert "spp-extract" in str(info.value)
     assert out.read_bytes() == before
     assert not shards_root(out).exists()
@@ -113,14 +113,10 @@ def test_files_the_tool_did_not_write_are_never_replaced(tmp_path, folder, conte
 def test_existing_output_message_names_the_options_in_the_callers_terms(tmp_path, folder):
     out = tmp_path / "out.h5"
     extract([folder], out, config=CONFIG)
-    with pytest.raises(ConfigError, match=r"resume=True .* overwrite=True"):
+    with pytest.raises(ConfigError, match=r"mode=.resume. .* mode=.overwrite."):
         extract([folder], out, config=CONFIG)
     result = _cli("none", folder, "-o", out)
-    assert (
-        result.returncode == 2
-        and "--resume" in result.stderr
-        and "resume=True" not in result.stderr
-    )
+    assert result.returncode == 2 and "--resume" in result.stderr and "mode=" not in result.stderr
 
 
 @pytest.mark.slow
@@ -131,7 +127,7 @@ def test_resume_on_a_merged_copy_is_refused(tmp_path, folder):
     merge(out, portable)
     before = portable.read_bytes()
     with pytest.raises(ConfigError, match="merged"):
-        extract([folder], portable, config=CONFIG, resume=True)
+        extract([folder], portable, config=CONFIG, mode="resume")
     assert portable.read_bytes() == before
 
 
@@ -196,7 +192,7 @@ def test_resume_with_another_folder_of_the_same_names_recomputes(tmp_path):
         shutil.copystat(first / f"img_{i}.bmp", other / f"img_{i}.bmp")
     out = tmp_path / "out.h5"
     extract([first], out, config=CONFIG)
-    result = extract([other], out, config=CONFIG, resume=True)
+    result = extract([other], out, config=CONFIG, mode="resume")
     assert result.processed == 4
     alone = tmp_path / "alone.h5"
     extract([other], alone, config=CONFIG)
@@ -215,7 +211,7 @@ def test_resume_picks_the_newest_run_whatever_the_clock_says(tmp_path, folder):
     older = root / "run-99991231-235959-1"
     older.mkdir()
     shutil.copy(first / "run.toml", older / "run.toml")
-    result = extract([folder], out, config=CONFIG, resume=True)
+    result = extract([folder], out, config=CONFIG, mode="resume")
     assert result.processed == 0
 
 
@@ -264,7 +260,7 @@ def test_rows_of_a_folder_that_cannot_be_listed_this_time_are_kept(tmp_path, fol
     extract([folder], out, config=CONFIG)
     before = keyed(out)["rows"]
     refuse_listing(monkeypatch, "sub")
-    result = extract([folder], out, config=CONFIG, resume=True)
+    result = extract([folder], out, config=CONFIG, mode="resume")
     data = read_features(out)
     assert "sub/inner.png" in data.paths
     np.testing.assert_allclose(

@@ -23,11 +23,12 @@ def test_every_image_once_in_contiguous_windows_within_limits(padded):
         sizes, padded=padded, batch_size=8, batch_pixels=8 * 256 * 256, commit_seconds=1.0
     )
     seen = []
-    for batch in planner:
-        planner.received()
-        planner.rate = 2e6  # measured speed, pixels/s: windows of at most 2 MP after the first
-        windows = {planner.window_of(i) for i in batch}
-        assert len(windows) == 1  # a batch never spans two shards
+    for planned in planner:
+        batch = planned.indices
+        # measured speed, 2e6 pixels/s: windows of at most 2 MP after the first
+        planner.learn(planned.window, planner.window_pixels(planned.window) / 2e6)
+        window = planner.windows[planned.window]
+        assert all(window.start <= i < window.stop for i in batch)  # never spans two shards
         known = [sizes[i] for i in batch if sizes[i] is not None]
         assert len(batch) <= 8
         if len(batch) > 1:
@@ -54,9 +55,8 @@ def test_windows_follow_pixels_not_image_counts():
     planner = Planner(
         sizes, padded=False, batch_size=4, batch_pixels=4 * 1000 * 1000, commit_seconds=2.0
     )
-    for _ in planner:
-        planner.received()
-        planner.rate = 1e6  # pixels/s: 2 MP per commit
+    for planned in planner:  # 1e6 pixels/s: 2 MP per commit
+        planner.learn(planned.window, planner.window_pixels(planned.window) / 1e6)
     # at most 2 MP (two large images) in every window after the first
     assert all(
         sum(s[0] * s[1] for s in sizes[w.start : w.stop]) <= 2e6 for w in planner.windows[1:]
@@ -65,15 +65,18 @@ def test_windows_follow_pixels_not_image_counts():
 
 
 def test_rewind_hands_out_unreceived_batches_again():
+    from spp_extract.loader import Replay
+
     sizes = [(10, 10)] * 5 + [(20, 20)] * 5
     planner = Planner(sizes, padded=False, batch_size=2, batch_pixels=10**9, commit_seconds=1.0)
-    it = iter(planner)
+    replay = Replay(planner)
+    it = iter(replay)
     first, second, third = next(it), next(it), next(it)
-    assert planner.received() == first
-    planner.rewind()
-    again = list(planner)
-    assert again[:2] == [second, third]
-    assert sorted(i for b in [first, *again] for i in b) == list(range(10))
+    assert replay.received().indices == [i for _, i in first]
+    assert replay.rewind().indices == [i for _, i in second]  # the suspect, handed back
+    again = list(replay)
+    assert again[:1] == [third]
+    assert sorted(i for b in [first, second, *again] for _, i in b) == list(range(10))
 
 
 def test_partition_is_contiguous_balanced_and_complete():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CRASH_RUNNER, assert_same, fast_commits, keyed, photo, run_python
+from conftest import assert_same, crash_cli, fast_commits, keyed, photo
 from PIL import Image
 
 from spp_extract import Config, ConfigError, OutputError, extract, read_features
@@ -43,10 +43,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory, inputs: Path) -> dict:
 
 def _cli(fault: str, inputs: Path, out: Path, *extra: str, wait: bool = True):
     # not waited for: its own process group, like a job in a terminal
-    return run_python(
-        CRASH_RUNNER,
+    return crash_cli(
         fault,
-        "--",
         "extract",
         inputs,
         "-o",
@@ -161,11 +159,11 @@ def test_real_full_tmpfs(tmp_path, inputs):
 def test_resume_without_output_starts_and_existing_output_is_refused(tmp_path, inputs):
     out = tmp_path / "out.h5"
     config = Config(backbone="resnet18", weights="none", workers=0)
-    first = extract([inputs], out, config=config, resume=True)
+    first = extract([inputs], out, config=config, mode="resume")
     assert first.processed == first.images + first.failed
     with pytest.raises(ConfigError, match="already exists"):
         extract([inputs], out, config=config)
-    again = extract([inputs], out, config=config, resume=True)
+    again = extract([inputs], out, config=config, mode="resume")
     assert again.processed == 0 and again.images == first.images
 
 
@@ -174,7 +172,7 @@ def test_resume_with_other_settings_lists_differences(tmp_path, inputs):
     extract([inputs], out, config=Config(backbone="resnet18", weights="none", workers=0))
     other = Config(backbone="resnet18", weights="none", workers=0, levels=(2, 1), pooling="avg")
     with pytest.raises(ConfigError) as info:
-        extract([inputs], out, config=other, resume=True)
+        extract([inputs], out, config=other, mode="resume")
     message = str(info.value)
     assert "levels: [4, 2, 1] -> [2, 1]" in message and "pooling: 'max' -> 'avg'" in message
     # settings that do not change the vectors may differ
@@ -182,7 +180,7 @@ def test_resume_with_other_settings_lists_differences(tmp_path, inputs):
         [inputs],
         out,
         config=Config(backbone="resnet18", weights="none", workers=0, batch_size=1),
-        resume=True,
+        mode="resume",
     )
 
 
@@ -195,7 +193,7 @@ def test_incremental_new_and_changed_files(tmp_path, inputs):
     Image.fromarray(photo(50, 50, seed=7)).save(folder / "new.png")
     Image.fromarray(photo(60, 40, seed=8)).save(folder / "landscape.jpg")  # changed content
     old = dict(zip(read_features(out).paths, read_features(out).features, strict=True))
-    result = extract([folder], out, config=config, resume=True)
+    result = extract([folder], out, config=config, mode="resume")
     assert result.processed == 2 and result.images == first.images + 1
     data = read_features(out)
     assert data.paths.count("landscape.jpg") == 1
@@ -203,7 +201,7 @@ def test_incremental_new_and_changed_files(tmp_path, inputs):
     assert tuple(data.image_size[row]) == (60, 40)
     assert not np.allclose(data.features[row], old["landscape.jpg"])
     (folder / "new.png").unlink()
-    extract([folder], out, config=config, resume=True)
+    extract([folder], out, config=config, mode="resume")
     assert "new.png" not in read_features(out).paths  # rows follow the current inputs
 
 
@@ -212,10 +210,10 @@ def test_retry_failed(tmp_path, inputs):
     config = Config(backbone="resnet18", weights="none", workers=0, max_pixels=5000)
     first = extract([inputs], out, config=config)
     assert first.failed > 1
-    same = extract([inputs], out, config=config.replace(max_pixels=10**8), resume=True)
+    same = extract([inputs], out, config=config.replace(max_pixels=10**8), mode="resume")
     assert same.processed == 0 and same.failed == first.failed
     retried = extract(
-        [inputs], out, config=config.replace(max_pixels=10**8), resume=True, retry_failed=True
+        [inputs], out, config=config.replace(max_pixels=10**8), mode="resume", retry_failed=True
     )
     assert retried.processed == first.failed and retried.failed == 1  # broken.jpg stays broken
 
@@ -225,13 +223,13 @@ def test_second_writer_is_refused(tmp_path, inputs):
     lock = OutputLock(out)
     lock.acquire()
     try:
-        for resume in (False, True):
+        for mode in ("new", "resume"):
             with pytest.raises(OutputError, match="another spp-extract run"):
                 extract(
                     [inputs],
                     out,
                     config=Config(backbone="resnet18", weights="none", workers=0),
-                    resume=resume,
+                    mode=mode,
                 )
     finally:
         lock.release()

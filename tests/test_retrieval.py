@@ -12,33 +12,27 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic
+from conftest import FAST_CONFIG, Terminal, cli, one_line, synthetic
 from PIL import Image, ImageEnhance, ImageOps
-from typer.testing import CliRunner
 
 import spp_extract
 from spp_extract import Config, ConfigError, read_features
-from spp_extract.cli import app
-from spp_extract.reader import iter_features
-from spp_extract.retrieval import (
-    Neighbors,
+from spp_extract.backbones import provenance_of
+from spp_extract.neighbors import Neighbors, neighbors, pairs_above
+from spp_extract.pca import pca
+from spp_extract.projection import (
     Projection,
     check_projection,
     fit_projection,
-    neighbors,
-    pairs_above,
-    pca,
     project_file,
     reduce,
 )
+from spp_extract.provenance import Provenance
+from spp_extract.reader import iter_features
 from spp_extract.storage import ROW_FIELDS
 
-runner = CliRunner()
-FAST = Config(backbone="resnet18", weights="none", workers=0)
-
-
-def _run(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
+FAST = FAST_CONFIG
+_run = cli
 
 
 def spectrum_matrix(n: int, d: int, seed: int = 0, decay: float = 0.8) -> np.ndarray:
@@ -243,9 +237,7 @@ def test_neighbors_command_writes_index_similarity_paths_and_pairs(tmp_path, rea
 
 
 def _one_line_exit_2(result, fragment: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0], lines
+    assert fragment in one_line(result, 2)
 
 
 @pytest.mark.parametrize(
@@ -295,11 +287,12 @@ def test_check_projection_names_differing_keys(tmp_path, real_h5):
     dest = tmp_path / "small.h5"
     reduce(real_h5, dest, dim=3)
     projection = Projection.load(dest)
-    check_projection(projection, FAST)  # the same configuration: accepted
-    check_projection(projection, read_features(real_h5).attrs)
+    check_projection(projection, provenance_of(FAST))  # the same configuration: accepted
+    check_projection(projection, Provenance.of_attrs(read_features(real_h5).attrs))
     with pytest.raises(ConfigError) as caught:
         check_projection(
-            projection, Config(backbone="resnet18", weights="none", seed=1, levels=(2, 1))
+            projection,
+            provenance_of(Config(backbone="resnet18", weights="none", seed=1, levels=(2, 1))),
         )
     message = str(caught.value)
     assert "levels: [4, 2, 1] (projection) vs [2, 1]" in message and "seed: 0" in message
@@ -473,16 +466,11 @@ def test_end_to_end_altered_copies_find_their_original(tmp_path):
 # ----------------------------------------------------------------------------- progress
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 def test_progress_bars_for_both_phases_of_reduce_and_for_neighbors(tmp_path, real_h5):
-    from spp_extract.cli import Progress
+    from spp_extract.cli import ProgressBar
 
-    stream = _Terminal()
-    progress = Progress(stream)
+    stream = Terminal()
+    progress = ProgressBar(stream)
     reduce(real_h5, tmp_path / "small.h5", dim=3, sample=8, progress=progress)
     progress.close()
     assert "8/8" in stream.getvalue() and "12/12" in stream.getvalue()  # fit on 8, project 12

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import assert_vectors_close, run_python
+from conftest import assert_vectors_close, make_extractor, run_python
 
 from spp_extract.backbones import build_trunk
 from spp_extract.config import Config
@@ -221,10 +221,8 @@ def test_untileable_backbone_over_max_memory_is_too_large_and_the_rest_done(tmp_
 
 
 def _extractor(backbone, budget):  # noqa: ANN001, ANN202
-    from spp_extract.compute import Extractor
-
     config = Config(backbone=backbone, weights="none")
-    return Extractor(_trunk(backbone), config, torch.device("cpu"), padded=False, budget=budget)
+    return make_extractor(_trunk(backbone), config, padded=False, budget=budget)
 
 
 def _one(extractor, h, w, seed=0):  # noqa: ANN001, ANN202
@@ -250,7 +248,7 @@ def test_single_image_out_of_memory_falls_back_to_tiles(monkeypatch):
     """(CUDA's case, simulated with the CPU allocator's error.)"""
     extractor = _extractor("vgg11", None)
     whole = _one(extractor, 200, 230).values
-    forward = type(extractor.module).forward
+    forward = type(extractor.model.trunk).forward
 
     def small_only(self, x):  # noqa: ANN001, ANN202
         if x.device.type != "meta" and x.shape[-2] * x.shape[-1] >= 200 * 230:
@@ -259,7 +257,7 @@ def test_single_image_out_of_memory_falls_back_to_tiles(monkeypatch):
             )
         return forward(self, x)
 
-    monkeypatch.setattr(type(extractor.module), "forward", small_only)
+    monkeypatch.setattr(type(extractor.model.trunk), "forward", small_only)
     tiled = _one(extractor, 200, 230)
     assert tiled.tiles > 1
     torch.testing.assert_close(tiled.values, whole, rtol=1e-4, atol=1e-5)
@@ -269,7 +267,7 @@ def test_single_image_out_of_memory_falls_back_to_tiles(monkeypatch):
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
         return forward(self, x)
 
-    monkeypatch.setattr(type(extractor.module), "forward", never)
+    monkeypatch.setattr(type(extractor.model.trunk), "forward", never)
     failed = _one(extractor, 200, 230)
     assert failed.kind == "out_of_memory"
 
@@ -363,14 +361,18 @@ def test_shards_without_tiles_read_as_zero(tmp_path):
 _MEASURE = """
 import sys, warnings
 warnings.filterwarnings("ignore")
+import dataclasses
 import torch
 from spp_extract.backbones import build_trunk
 from spp_extract.compute import Extractor
 from spp_extract.config import Config
 from spp_extract.records import RowMeta
+from spp_extract.runtime import Runtime
 name, h, w = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 config = Config(backbone=name, weights="none")
-extractor = Extractor(build_trunk(config), config, torch.device("cpu"), padded=False)
+trunk = build_trunk(config)
+runtime = Runtime.resolve(config, trunk, device=torch.device("cpu"))
+extractor = Extractor(trunk, config, dataclasses.replace(runtime, padded=False, budget=None))
 estimate = extractor.memory.peak(h, w)
 extractor(torch.zeros(1, 3, 64, 64, dtype=torch.uint8), [RowMeta(image_size=(64, 64), input_size=(64, 64))])
 pixels = torch.randint(0, 255, (1, 3, h, w), dtype=torch.uint8)

@@ -1,0 +1,91 @@
+"""What the commands share: one line and an exit status for an error, the progress bar,
+signals that end a command cleanly, and options several commands take."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import IO, Annotated, Any
+
+import typer
+
+from .errors import Interrupted, SppError, printable
+
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
+
+
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output if it exists.")]
+
+
+@contextlib.contextmanager
+def reported(progress: ProgressBar | None = None) -> Iterator[None]:
+    """An SppError becomes its one line and exit status (the progress bar closed first)."""
+    try:
+        yield
+    except SppError as exc:
+        if progress is not None:
+            progress.close()
+        raise fail(exc) from None
+
+
+def fail(exc: SppError) -> typer.Exit:
+    if not getattr(exc, "reported_by_rank0", False):  # under torchrun: one line, not one a rank
+        prefix = "" if exc.exit_code >= 128 else "error: "  # an interruption is no error
+        typer.echo(f"spp-extract: {prefix}{printable(str(exc))}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+@contextlib.contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``Interrupted`` (exit 130/143, one line) instead of ending the
+    process where it stands: the command's temporary file is removed on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum, "nothing was written; run the command again")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class ProgressBar:
+    """The progress display on ``stream``: a one-line status and a tqdm bar, only on a terminal
+    (a log gets the summary line instead) and only when there is work to show."""
+
+    def __init__(self, stream: IO[str], *, enabled: bool = True) -> None:
+        self.stream = stream
+        self.enabled = enabled and stream.isatty()
+        self.bar: Any = None
+
+    def status(self, text: str) -> None:
+        if self.enabled:
+            print(f"spp-extract: {text}", file=self.stream, flush=True)
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or (self.bar is None and total == 0):
+            return
+        if (
+            self.bar is not None and self.bar.total != total
+        ):  # the next phase (reduce: fit, project)
+            self.close()
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, file=self.stream)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
