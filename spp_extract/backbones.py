@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .masking import maskable
 from .pooling import spp_dim
 from .provenance import Provenance, Resolved
-from .rng import seeded
+from .rng import private_init
 from .weights import get_model, load_model, load_state_file, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -229,11 +229,14 @@ def _cut(chain: Chain, layer: str) -> nn.Sequential:
     raise KeyError(layer)
 
 
+_PATCHING = threading.Lock()
+
+
 def meta_model(name: str) -> nn.Module:
     """The untrained model built on the meta device: no memory, no init cost; for names,
     shapes and sizes."""
     if not name.startswith("regnet"):
-        with seeded(None), torch.device("meta"):
+        with private_init(0), torch.device("meta"):
             return get_model(name, weights=None)
     # RegNet's builder computes its stage widths with tensor ops and .tolist(), which fails on
     # meta tensors; there the parameters are made on the CPU one at a time and moved. The
@@ -251,7 +254,7 @@ def meta_model(name: str) -> nn.Module:
         if tensor is not None and threading.get_ident() == builder:
             self._buffers[name] = tensor.to("meta")
 
-    with seeded(None):  # one build at a time: the patch is installed and removed under it
+    with _PATCHING, private_init(0):  # the patch is installed and removed under the lock
         nn.Module.register_parameter = parameter  # type: ignore[method-assign]
         nn.Module.register_buffer = buffer  # type: ignore[method-assign]
         try:

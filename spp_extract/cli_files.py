@@ -185,7 +185,7 @@ def reduce_notes(fitted: Any, dest: Path) -> list[str]:
             "rounding noise, which whitening would blow up)"
         )
     with h5py.File(dest, "r", locking=False) as f:
-        left_out = int((f["failed/error_class"].asstr()[:] == "non_finite").sum())
+        left_out = int((f["failed/error_class"].asstr(errors="replace")[:] == "non_finite").sum())
     if left_out:
         notes.append(f"{left_out} rows are not finite: moved to failed/ (class non_finite)")
     return notes

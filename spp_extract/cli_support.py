@@ -4,14 +4,12 @@ signals that end a command cleanly, and options several commands take."""
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
 from collections.abc import Iterator
 from typing import IO, Annotated, Any
 
 import typer
 
-from .errors import Interrupted, SppError, printable
+from .errors import SppError, printable, raising_signals
 
 DeviceOption = Annotated[
     str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
@@ -40,23 +38,10 @@ def fail(exc: SppError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
-@contextlib.contextmanager
-def stopped_by_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise ``Interrupted`` (exit 130/143, one line) instead of ending the
-    process where it stands: the command's temporary file is removed on the way out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        raise Interrupted(signum, "nothing was written; run the command again")
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+def stopped_by_signals() -> contextlib.AbstractContextManager[None]:
+    """SIGINT and SIGTERM end the command with one line (exit 130/143), its temporary file
+    removed on the way out."""
+    return raising_signals("nothing was written; run the command again")
 
 
 class ProgressBar:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import signal
+import threading
+from collections.abc import Iterator
 
 
 def printable(text: str) -> str:
@@ -55,6 +58,26 @@ class Interrupted(SppError):
 
     def __reduce__(self) -> tuple[type, tuple[int, str]]:
         return (type(self), (self.signum, str(self).partition("; ")[2]))
+
+
+@contextlib.contextmanager
+def raising_signals(then: str) -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``Interrupted(signum, then)`` instead of ending the process
+    where it stands, so that what is being written is cleaned up on the way out (in the main
+    thread only: signals are delivered there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Interrupted(signum, then)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class ImageError(Exception):

@@ -173,7 +173,7 @@ def search(
             if progress is not None:
                 progress(first + len(queries), n)
     index[excluded], similarity[excluded] = -1, 0.0  # no list for a row that is not finite
-    paths = opened.file["paths"].asstr()
+    paths = opened.file["paths"].asstr(errors="replace")
     return Neighbors(index, similarity, excluded, list(paths[excluded]) if len(excluded) else [])
 
 
@@ -217,7 +217,7 @@ def find_neighbors(
     with open_output(source) as opened:
         src = opened.file
         outputs = [Path(out) for out in (dest, pairs) if out is not None]
-        check_destinations(outputs, [source], overwrite=overwrite)
+        check_destinations(outputs, [source], overwrite=overwrite, folders=opened.folders)
         found = search(opened, k, device=device, progress=progress)
         if dest is not None:
             dest = Path(dest)
@@ -241,7 +241,7 @@ def find_neighbors(
                 )
         if pairs is not None:
             lo, hi, sims = pairs_above(found, threshold)
-            paths = src["paths"].asstr()
+            paths = src["paths"].asstr(errors="replace")
             needed = np.unique(np.concatenate([lo, hi]))
             names = dict(zip(needed.tolist(), (paths[needed] if len(needed) else []), strict=True))
             _write_csv(

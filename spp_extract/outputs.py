@@ -366,6 +366,13 @@ class OutputFile:
         return self.file["features"]
 
     @property
+    def folders(self) -> list[Path]:
+        """Where a view's shards really are (its run folder, from its attributes): no output
+        may be written there, whatever the view is called now."""
+        shards = self.attrs.get("shards")
+        return [self.path.parent / str(shards)] if shards else []
+
+    @property
     def rows(self) -> int:
         return int(self.features.shape[0])
 
@@ -374,12 +381,17 @@ class OutputFile:
         return int(self.features.shape[1])
 
     def checked(self, block: np.ndarray) -> np.ndarray:
-        """``block`` of a view, refused if a row reads as the fill value (a vanished shard)."""
+        """``block`` of a view, refused if a row reads as the fill value because a shard
+        vanished (a row of NaN stored by an older version is a row that is not finite)."""
         if self.features.is_virtual and len(block) and np.isnan(block).all(axis=1).any():
-            raise OutputError(
-                f"{self.path}: rows read as the view's fill value (NaN): a shard file vanished "
-                "while the file was read (its shards folder removed?); read it again"
-            )
+            try:
+                check_sources(self.path, self.file)
+            except OutputError:
+                raise OutputError(
+                    f"{self.path}: rows read as the view's fill value (NaN): a shard file "
+                    "vanished while the file was read (its shards folder removed?); read it "
+                    "again"
+                ) from None
         return block
 
     def read(self, start: int, stop: int) -> np.ndarray:

@@ -23,7 +23,11 @@ def signed_power(x: Tensor, power: float) -> Tensor:
 
 
 def l2_normalize(x: Tensor) -> Tensor:
-    """Rows of ``x`` (Tensor[N, D]) scaled to unit L2 norm; a zero row stays zero."""
+    """Rows of ``x`` (Tensor[N, D]) scaled to unit L2 norm; a zero row stays zero. Each row
+    is divided by its largest magnitude first, so that rows whose squares overflow float32
+    (values beyond about 1e19) are normalised right, not turned into zeros."""
+    peak = x.abs().amax(dim=1, keepdim=True)  # (N, 1)
+    x = x / torch.where(peak > 0, peak, torch.ones_like(peak))
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # (N, 1)
     return x / torch.where(norm > 0, norm, torch.ones_like(norm))
 
@@ -46,7 +50,7 @@ def pca(
     """Principal axes of the rows of ``x`` (Tensor[n, D], float32), without a D x D matrix.
 
     Returns ``(mean Tensor[D], components Tensor[dim, D] with orthonormal rows, explained
-    variance Tensor[dim])``, variance with the ``n - 1`` denominator, largest first. Each
+    variance Tensor[dim] float64)``, variance with the ``n - 1`` denominator, largest first. Each
     component's largest-magnitude entry is positive, so the signs do not depend on the device.
     ``exact``: ``torch.linalg.svd`` of the centred sample (cost n·D·min(n, D));
     ``lowrank``: ``torch.svd_lowrank`` with ``dim + oversample`` columns and ``niter`` power
@@ -70,7 +74,7 @@ def pca(
     signs = components.gather(1, components.abs().argmax(1, keepdim=True)).sign()  # (dim, 1)
     components = components * torch.where(signs == 0, torch.ones_like(signs), signs)
     variance = s.double().square() / max(n - 1, 1)
-    return mean.float(), components.contiguous(), variance.float()
+    return mean.float(), components.contiguous(), variance
 
 
 def _float64_rows(x: Tensor) -> Iterator[Tensor]:

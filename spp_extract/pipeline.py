@@ -34,8 +34,9 @@ from .backbones import Trunk, build_trunk, resolve
 from .compute import Extractor
 from .config import Config, to_toml
 from .decoding import read_sizes
+from .devices import Dist, resolve_device
 from .discovery import ImageRef
-from .errors import ConfigError, Interrupted, OutputError, SppError, option
+from .errors import ConfigError, Interrupted, OutputError, SppError, option, raising_signals
 from .loader import DecodeLoader
 from .outputs import remove_run
 from .planning import BUCKET, Planner, partition
@@ -43,15 +44,7 @@ from .pooling import spp_dim
 from .provenance import Provenance, Resolved, resolved_config
 from .records import Failure, Outcome, Progress
 from .rundir import RunMode
-from .runtime import (
-    Dist,
-    Runtime,
-    gathered,
-    on_every_rank,
-    on_rank0,
-    process_settings_restored,
-    resolve_device,
-)
+from .runtime import Runtime, gathered, on_every_rank, on_rank0, process_settings_restored
 from .shards import ShardSink, list_shards, shard_name
 from .storage import remove_tree, run_attrs, shards_root
 from .view import assemble
@@ -203,8 +196,16 @@ def _extract(
     if projection is not None:
         from .projection import project_file
 
-        # every rank waits for rank 0 to write the projected copy
-        on_rank0(ctx, lambda: project_file(output, final, projection, overwrite=True))
+        then = (
+            f"the full vectors are in {output.name}; rerun the same command with "
+            f"{option('mode', 'resume')} to write the projected copy"
+        )
+
+        def project() -> int:
+            with raising_signals(then):
+                return project_file(output, final, projection, overwrite=True)
+
+        on_rank0(ctx, project)  # every rank waits for rank 0 to write the projected copy
         output, dim = final, projection.dim
     return Result(
         output=output,
@@ -224,7 +225,7 @@ def _model(
     config: Config, resolved: Resolved, ctx: Dist, device: torch.device
 ) -> tuple[Trunk, Runtime]:
     trunk = build_trunk(config, resolved)
-    return trunk, Runtime.resolve(config, trunk, ctx, device)
+    return trunk, Runtime.resolve(config, trunk, device=device, ctx=ctx)
 
 
 def _attrs(

@@ -32,7 +32,11 @@ from .rng import seeded
 from .storage import check_destinations, copy_as_merged, written_atomically
 
 ORDER = "power -> l2 -> centre -> project -> whiten -> l2"
-NON_FINITE = "the stored vector holds NaN or inf; it is left out of reductions and neighbours"
+NON_FINITE = (
+    "the stored vector holds NaN or inf (or projects beyond float32); it is left out of "
+    "reductions and neighbours"
+)
+_ARRAYS = ("mean", "components", "explained_variance", "scale")
 SAMPLE_DEFAULT = 100_000
 SAMPLE_BYTES = 2 << 30  # the default sample is capped to about this much float32
 
@@ -47,7 +51,7 @@ class Projection:
 
     mean: np.ndarray  # (D,) float32
     components: np.ndarray  # (dim, D) float32, orthonormal rows
-    explained_variance: np.ndarray  # (dim,) float32, on the (pre-processed) sample
+    explained_variance: np.ndarray  # (dim,) float64, on the (pre-processed) sample
     scale: np.ndarray | None  # (dim,) 1/sqrt(variance) when whitened
     power: float = 1.0  # 1: off
     l2: bool = False  # L2-normalise before centring and after the projection
@@ -91,6 +95,12 @@ class Projection:
             )
         with torch.inference_mode():
             y = self._apply(x)
+        beyond = (~torch.isfinite(y).all(dim=1)).nonzero().flatten().tolist()
+        if beyond:
+            raise ValueError(
+                f"{len(beyond)} vectors project beyond float32 (rows {beyond[:5]}): their "
+                "values are far larger than the ones the projection was fitted on"
+            )
         y = y if isinstance(vectors, Tensor) else y.cpu().numpy()
         return y[0] if single else y
 
@@ -107,16 +117,23 @@ class Projection:
                 )
             group = f["reduce"]
             settings = {k: plain(v) for k, v in group.attrs.items()} | {"file": str(path)}
-            return cls(
-                mean=group["mean"][:].astype(np.float32),
-                components=group["components"][:].astype(np.float32),
-                explained_variance=group["explained_variance"][:].astype(np.float32),
-                scale=group["scale"][:].astype(np.float32) if "scale" in group else None,
-                power=float(settings["power"]),
-                l2=bool(settings["l2"]),
-                source=attrs,
-                settings=settings,
-            )
+            arrays = {name: group[name][:] for name in group if name in _ARRAYS}
+        for name, values in arrays.items():  # (shapes and types: outputs.validate)
+            if not np.isfinite(values).all() or (name == "scale" and (values <= 0).any()):
+                raise ConfigError(
+                    f"'{path}' is not a well-formed spp-extract file: reduce/{name} holds "
+                    f"{'values <= 0' if np.isfinite(values).all() else 'NaN or inf'}"
+                )
+        return cls(
+            mean=arrays["mean"].astype(np.float32),
+            components=arrays["components"].astype(np.float32),
+            explained_variance=arrays["explained_variance"].astype(np.float64),
+            scale=arrays["scale"].astype(np.float32) if "scale" in arrays else None,
+            power=float(settings["power"]),
+            l2=bool(settings["l2"]),
+            source=attrs,
+            settings=settings,
+        )
 
 
 def check_projection(projection: Projection, provenance: Provenance) -> None:
@@ -194,10 +211,18 @@ def fit_projection(
     if left_out:  # rows that are not finite are no data: the sample is the rest
         rows = x.shape[0]
         _check_rows(path, n, dim, rows, left_out)
+    # PCA is scale-equivariant: a sample of huge values (a broken weights file) is fitted
+    # scaled down, so that float32 sums and the SVD do not overflow.
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    factor = peak if peak > 1e15 else 1.0
+    if factor != 1.0:
+        x /= factor
     with seeded(seed, [target]):  # svd_lowrank draws its random test matrix from torch's RNG
         mean, components, variance = pca(x, dim, method=method, inplace=True)
+    mean, variance = mean * factor, variance * factor**2
     # the sample's total variance (x is centred now)
     total = sum(float(block.square().sum()) for block in _float64_rows(x)) / max(rows - 1, 1)
+    total *= factor**2
     del x
     scale = None
     rank = numerical_rank(variance, rows, d)
@@ -209,7 +234,7 @@ def fit_projection(
             )
         # Axes at rounding level are noise: whitening would scale them by millions.
         components, variance = components[:rank], variance[:rank]
-        scale = variance.double().rsqrt().float().cpu().numpy()
+        scale = variance.rsqrt().float().cpu().numpy()
     settings = {
         "dim": int(components.shape[0]),
         "requested_dim": dim,
@@ -312,7 +337,7 @@ def project_file(
     source, dest = Path(source), Path(dest)
     advice = "nothing was written; free space or choose another destination, then run again"
     with open_output(source) as opened:
-        check_destinations([dest], [source], overwrite=overwrite)
+        check_destinations([dest], [source], overwrite=overwrite, folders=opened.folders)
         check_projection(projection, Provenance.of_attrs(opened.attrs))
         target = device_named(device)
         n, d = opened.rows, opened.dim
@@ -334,11 +359,14 @@ def project_file(
             with torch.inference_mode():
                 for start in range(0, n, step):
                     block = opened.read(start, start + step)
-                    finite = np.isfinite(block).all(axis=1)
-                    left_out += (start + np.flatnonzero(~finite)).tolist()
-                    x = torch.from_numpy(block[finite]).to(target)
-                    target_ds[kept : kept + len(x)] = projection._apply(x).cpu().numpy()
-                    kept += len(x)
+                    usable = np.isfinite(block).all(axis=1)  # (rows,)
+                    x = torch.from_numpy(block[usable]).to(target)
+                    y = projection._apply(x).cpu().numpy()  # (usable rows, dim)
+                    fits = np.isfinite(y).all(axis=1)  # within float32 once projected
+                    usable[np.flatnonzero(usable)[~fits]] = False
+                    left_out += (start + np.flatnonzero(~usable)).tolist()
+                    target_ds[kept : kept + int(fits.sum())] = y[fits]
+                    kept += int(fits.sum())
                     fh.check()  # a write error or a signal's exception, at once
                     if progress is not None:
                         progress(start + len(block), n)
@@ -412,8 +440,8 @@ def reduce(
     projected, to ``dest`` (``project_file``). Everything is checked before anything is
     written; returns the projection."""
     source, dest = Path(source), Path(dest)
-    with open_output(source):  # refused before the fit: a bad source or destination
-        check_destinations([dest], [source], overwrite=overwrite)
+    with open_output(source) as opened:  # refused before the fit: a bad source or destination
+        check_destinations([dest], [source], overwrite=overwrite, folders=opened.folders)
     fitted = fit_projection(
         source,
         dim=dim,

@@ -86,13 +86,13 @@ def read_features(path: str | os.PathLike[str], rows: RowSelection | None = None
         f = opened.file
         if rows is None:
             features = opened.read(0, opened.rows)
-            paths = list(f["paths"].asstr()[:])
+            paths = list(f["paths"].asstr(errors="replace")[:])
             image_size, feature_map_size = f["image_size"][:], f["feature_map_size"][:]
         else:
             index = _row_index(rows, opened.rows)
             features = _take_features(opened, index)
             paths = list(_take(f["paths"], index).astype(object))
-            paths = [p.decode("utf-8") if isinstance(p, bytes) else p for p in paths]
+            paths = [p.decode("utf-8", "replace") if isinstance(p, bytes) else p for p in paths]
             image_size = _take(f["image_size"], index)
             feature_map_size = _take(f["feature_map_size"], index)
         return Features(
@@ -100,8 +100,8 @@ def read_features(path: str | os.PathLike[str], rows: RowSelection | None = None
             paths=paths,
             image_size=image_size,
             feature_map_size=feature_map_size,
-            failed_paths=list(f["failed/paths"].asstr()[:]),
-            failed_errors=list(f["failed/errors"].asstr()[:]),
+            failed_paths=list(f["failed/paths"].asstr(errors="replace")[:]),
+            failed_errors=list(f["failed/errors"].asstr(errors="replace")[:]),
             attrs=dict(f.attrs),
             complete=bool(f.attrs.get("complete", True)),
         )
@@ -120,7 +120,7 @@ def iter_features(
     with open_output(path) as opened:
         n, dim = opened.rows, opened.dim
         step = block_rows or block_rows_for(dim, opened.features.dtype.itemsize)
-        paths = opened.file["paths"].asstr()
+        paths = opened.file["paths"].asstr(errors="replace")
         for start in range(0, n, step):
             yield start, opened.read(start, start + step), list(paths[start : start + step])
 
@@ -160,13 +160,13 @@ def summary(path: str | os.PathLike[str], rows: int = 3) -> list[str]:
         failed = f["failed"]
         lines.append(f"failures: {failed['paths'].shape[0]}")
         for p, k, e in zip(
-            failed["paths"].asstr()[:],
-            failed["error_class"].asstr()[:],
-            failed["errors"].asstr()[:],
+            failed["paths"].asstr(errors="replace")[:],
+            failed["error_class"].asstr(errors="replace")[:],
+            failed["errors"].asstr(errors="replace")[:],
             strict=True,
         ):
             lines.append(f"  {printable(p)}: {k}: {printable(e)}")
-        paths = f["paths"].asstr()
+        paths = f["paths"].asstr(errors="replace")
         tiles = f["tiles"][:] if "tiles" in f else np.zeros(n, np.int32)
         if n:
             lines.append(f"tiled: {int(np.count_nonzero(tiles))} of {n} images (over max_memory)")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .backbones import Trunk
 from .config import AUTO, Config
-from .devices import Dist, cores, resolve_device
+from .devices import Dist, cores
 from .errors import ConfigError, Interrupted, OutputError, SppError, printable
 from .memory import MemoryModel, decode_bytes, memory_budget, memory_model, module_bytes
 
@@ -59,6 +59,9 @@ def padded_batching(config: Config, device: torch.device, trunk: Trunk) -> bool:
     return padded
 
 
+ONE_PROCESS = Dist()
+
+
 @dataclass(frozen=True)
 class Runtime:
     """What one run uses, every ``auto`` resolved. Decided once, before any work (``resolve``),
@@ -88,14 +91,10 @@ class Runtime:
 
     @classmethod
     def resolve(
-        cls,
-        config: Config,
-        trunk: Trunk,
-        ctx: Dist | None = None,
-        device: torch.device | None = None,
+        cls, config: Config, trunk: Trunk, *, device: torch.device, ctx: Dist = ONE_PROCESS
     ) -> Runtime:
-        ctx = ctx or Dist.from_env()
-        device = device or resolve_device(config, ctx)
+        """Every ``auto`` of ``config`` settled for ``trunk`` on ``device`` (``ctx``: this
+        process's place among the ranks; the caller decided both)."""
         workers = decode_workers(config, device, ctx)
         _, planned_pixels = batch_limits(config, device)
         budget = memory_budget(

@@ -60,11 +60,15 @@ def key_text(key_bytes: bytes) -> str:
     return key_bytes.decode("utf-8", errors="replace")
 
 
-def check_space(directory: Path, needed: int, advice: str | None = None) -> None:
+def check_space(
+    directory: Path, needed: int, advice: str | None = None, path: Path | None = None
+) -> None:
+    """Refuse up front (disk_error, naming ``path`` or ``directory``) when ``needed`` bytes
+    will not fit in ``directory``."""
     free = shutil.disk_usage(directory).free
     if free < needed:
         error = OSError(errno.ENOSPC, f"{free} bytes free, {needed} needed")
-        raise disk_error(error, directory, advice)
+        raise disk_error(error, path or directory, advice)
 
 
 def disk_error(exc: Exception, path: Path, advice: str | None = None) -> OutputError:
@@ -238,19 +242,25 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def check_destinations(
-    outputs: Sequence[Path], inputs: Sequence[Path] = (), *, overwrite: bool = False
+    outputs: Sequence[Path],
+    inputs: Sequence[Path] = (),
+    *,
+    overwrite: bool = False,
+    folders: Sequence[Path] = (),
 ) -> None:
     """The one check before a command writes files (merge, reduce, neighbours, projections):
     each output is a file name in an existing folder, is none of the ``inputs`` and nothing
-    inside their shards folders, no two outputs are the same file, and an existing output is
-    replaced only with ``overwrite``. Raises ConfigError (one line) before anything is written."""
+    inside their shards folders (or inside ``folders``: a view's real run folder, wherever it
+    is), no two outputs are the same file, and an existing output is replaced only with
+    ``overwrite``. Raises ConfigError (one line) before anything is written."""
     for number, dest in enumerate(outputs):
         if dest.is_dir():
             raise ConfigError(f"'{dest}' is a folder; give a file name to write")
         if not dest.parent.is_dir():
             raise ConfigError(f"folder '{dest.parent}' does not exist; create it first")
         for source in inputs:
-            inside = dest.resolve().is_relative_to(shards_root(source).resolve())
+            roots = [shards_root(source), *folders]
+            inside = any(dest.resolve().is_relative_to(root.resolve()) for root in roots)
             if _same(dest, source) or inside:
                 raise ConfigError(
                     f"'{dest}' is the input {source.name} itself or inside its shards folder; "

@@ -162,9 +162,9 @@ def merge(
     source, dest = Path(source), Path(dest)
     advice = "nothing was written; free space or choose another destination, then run merge again"
     with open_output(source) as opened:
-        check_destinations([dest], [source], overwrite=overwrite)
+        check_destinations([dest], [source], overwrite=overwrite, folders=opened.folders)
         n, dim, itemsize = opened.rows, opened.dim, opened.features.dtype.itemsize
-        check_space(dest.parent, n * dim * itemsize + (1 << 20), advice)
+        check_space(dest.parent, n * dim * itemsize + (1 << 20), advice, dest)
         with written_atomically(dest, advice) as fh, h5py.File(fh, "w") as out:
             _copy(opened, out, block_rows, fh.check)
     return n

@@ -11,6 +11,7 @@ import hashlib
 import io
 import logging
 import os
+import threading
 import urllib.parse
 import warnings
 from pathlib import Path
@@ -23,10 +24,12 @@ from torchvision.models import get_model_weights
 from .config import Config
 from .errors import ConfigError, option, printable
 from .provenance import Resolved
-from .rng import seeded
+from .rng import private_init
 
 log = logging.getLogger("spp_extract.backbones")  # the CLI shows its "downloading ..." line
 
+# sys.stdout is swapped while torch.hub may print: one thread at a time
+_STDOUT = threading.Lock()
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -99,14 +102,14 @@ def load_model(config: Config, resolved: Resolved) -> nn.Module:
     trunk afterwards, ``load_state_file``). Raises ConfigError when the weights cannot be had."""
     enum_weights = None if resolved.weights.startswith(("none", "file:")) else weights_enum(config)
     if enum_weights is None:
-        with seeded(config.seed):  # random init is reproducible for weights = "none"
+        with private_init(config.seed):  # random init is reproducible for weights = "none"
             return get_model(config.backbone, weights=None)
     cache = expected_cache_file(enum_weights.url)
     if not cache.is_file():
         log.info("downloading %s to %s", enum_weights.url, cache)
     try:
         # torch.hub prints "Downloading: ..." on stdout, which may be the user's data.
-        with seeded(None), contextlib.redirect_stdout(io.StringIO()):
+        with _STDOUT, contextlib.redirect_stdout(io.StringIO()), private_init(0):
             return get_model(config.backbone, weights=enum_weights, progress=False)
     except Exception as exc:  # URLError, OSError, hash mismatch, ...
         raise ConfigError(

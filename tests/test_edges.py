@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_CONFIG, cli, one_line, run_python, synthetic
+from conftest import FAST_CONFIG, FAST_FLAGS, cli, one_line, run_python, synthetic
 from PIL import Image
 
 from spp_extract import ConfigError, OutputError, extract, read_features
@@ -570,3 +570,196 @@ def test_fit_projection_alone_leaves_non_finite_rows_out(tmp_path, with_bad_rows
     fitted = fit_projection(with_bad_rows, dim=3)
     assert fitted.settings["sample_non_finite"] == 2
     assert project_file(with_bad_rows, tmp_path / "p.h5", fitted) == 10
+
+
+# ----------------------------------------------------------------------------- the second attack
+# (an outside review of the fixes above found these; each test failed before its fix)
+
+
+@pytest.fixture
+def merged(tmp_path, real_h5):
+    path = tmp_path / "m.h5"
+    merge(real_h5, path)
+    return path
+
+
+def test_huge_finite_vectors_give_the_right_neighbours_and_no_inf(tmp_path, merged):
+    """Values whose squares overflow float32 (a broken weights file): normalised without
+    overflow, so neighbours are the float64 ones; reduce stays finite; a projection refuses
+    what it cannot hold."""
+    with h5py.File(merged, "r+") as f:
+        x = f["features"][:].astype(np.float64) * 1e18
+        f["features"][...] = x.astype(np.float32)
+    found = neighbors(merged, 3)
+    expected = _brute_force(x, np.ones(len(x), bool), 3)
+    np.testing.assert_array_equal(found.index, expected)
+    assert (found.similarity > 0).all()
+    fitted = reduce(merged, tmp_path / "r.h5", dim=4)
+    reduced = read_features(tmp_path / "r.h5")
+    assert np.isfinite(reduced.features).all() and np.isfinite(fitted.explained_variance).all()
+    with pytest.raises(ValueError, match="project beyond float32"):
+        fitted(x.astype(np.float32) * 1e19)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("mean", np.nan, "reduce/mean holds NaN or inf"),
+        ("scale", 0.0, "reduce/scale holds values <= 0"),
+    ],
+)
+def test_a_projection_with_broken_values_is_refused(tmp_path, merged, name, value, fragment):
+    reduce(merged, tmp_path / "r.h5", dim=3, whiten=True)
+    with h5py.File(tmp_path / "r.h5", "r+") as f:
+        f[f"reduce/{name}"][0] = value
+    with pytest.raises(ConfigError, match=fragment):
+        Projection.load(tmp_path / "r.h5")
+
+
+def test_a_renamed_views_shards_are_never_a_destination(tmp_path, example_dir):
+    out = tmp_path / "rn.h5"
+    extract([example_dir], out, config=FAST_CONFIG)
+    renamed = tmp_path / "renamed.h5"
+    out.rename(renamed)  # the docs say renaming the output alone is fine
+    shard = sorted(shards_root(out).rglob("a*.h5"))[0]
+    before = read_features(renamed).features
+    line = _one_line(_run("merge", renamed, shard, "--overwrite"), 2)
+    assert "inside its shards folder" in line
+    np.testing.assert_array_equal(read_features(renamed).features, before)
+
+
+def test_the_projection_file_is_never_the_runs_full_output(tmp_path, merged, example_dir):
+    reduce(merged, tmp_path / "q.h5.full.h5", dim=3)
+    before = (tmp_path / "q.h5.full.h5").read_bytes()
+    args = ["extract", example_dir, "-o", tmp_path / "q.h5", *FAST_FLAGS]
+    line = _one_line(_run(*args, "--project", tmp_path / "q.h5.full.h5", "--overwrite"), 2)
+    assert "is the input" in line
+    assert (tmp_path / "q.h5.full.h5").read_bytes() == before
+
+
+def _rep(f: h5py.File, name: str, data: object) -> None:
+    del f[name]
+    f.create_dataset(name, data=data)
+
+
+BROKEN = {
+    "image_size as text": lambda f, n: _rep(f, "image_size", np.array([[b"a", b"b"]] * n)),
+    "tiles as text": lambda f, n: _rep(f, "tiles", np.array([b"x"] * n)),
+    "failures as numbers": lambda f, n: _rep(
+        f, "failed/error_class", np.zeros(f["failed/paths"].shape[0], np.int32)
+    ),
+    "features in long double": lambda f, n: _rep(
+        f, "features", f["features"][:].astype(np.longdouble)
+    ),
+    "mean of NaN": lambda f, n: f.attrs.__setitem__("mean", np.array([np.nan, 1.0, 1.0])),
+}
+
+
+@pytest.mark.parametrize("change", BROKEN.values(), ids=BROKEN.keys())
+@pytest.mark.parametrize("command", ["inspect", "neighbors"])
+def test_datasets_of_the_wrong_type_are_refused_in_one_line(merged, change, command):
+    with h5py.File(merged, "r+") as f:
+        change(f, f["paths"].shape[0])
+    args = [merged] if command == "inspect" else [merged, "-k", "1", "-o", merged.parent / "n.h5"]
+    assert "not a well-formed" in _one_line(_run(command, *args), 2)
+
+
+def test_paths_that_are_not_utf8_are_read_with_replacements(merged):
+    with h5py.File(merged, "r+") as f:
+        raw = np.array([b"ok.jpg", b"caf\xe9.jpg"] * (f["paths"].shape[0] // 2))
+        del f["paths"]
+        f.create_dataset("paths", data=raw, dtype=h5py.string_dtype("utf-8", None))
+    assert "caf\ufffd.jpg" in read_features(merged).paths
+    assert _run("inspect", merged).exit_code == 0
+
+
+VIEW_DAMAGE = {
+    "a shard holding nothing": "empty",
+    "fill value 0": "fill",
+    "another dataset mapped": "name",
+    "more rows declared than mapped": "rows",
+}
+
+
+def _damaged_view(tmp_path: Path, example_dir: Path, damage: str) -> Path:
+    out = _view_with_two_shards(tmp_path, example_dir)
+    shard = sorted(shards_root(out).rglob("a*.h5"))[-1]
+    if damage == "empty":
+        with h5py.File(shard, "r+") as f:
+            shape, chunks = f["features"].shape, f["features"].chunks
+            del f["features"]
+            f.create_dataset("features", shape=shape, dtype="f4", chunks=chunks)
+        return out
+    with h5py.File(out, "r+") as f:
+        ds = f["features"]
+        rows, dim = ds.shape
+        maps = list(ds.virtual_sources())
+        del f["features"]
+        declared = rows + 6 if damage == "rows" else rows
+        layout = h5py.VirtualLayout(shape=(declared, dim), dtype="f4")
+        for m in maps:
+            (first, _), (last, _) = m.src_space.get_select_bounds()
+            (start, _), _ = m.vspace.get_select_bounds()
+            name = "nope" if damage == "name" else "features"
+            source = h5py.VirtualSource(m.file_name, name, shape=(last + 1, dim))
+            layout[start : start + last + 1 - first] = source[first : last + 1]
+        f.create_virtual_dataset("features", layout, fillvalue=0.0 if damage == "fill" else np.nan)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", VIEW_DAMAGE.values(), ids=VIEW_DAMAGE.keys())
+def test_views_that_would_read_zeros_are_refused(tmp_path, example_dir, damage):
+    out = _damaged_view(tmp_path, example_dir, damage)
+    result = _run("neighbors", out, "-k", "2", "-o", tmp_path / "n.h5")
+    assert result.exit_code in (1, 2) and len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises((ConfigError, OutputError)):
+        read_features(out)
+
+
+def test_a_nan_row_stored_in_a_view_is_a_row_that_is_not_finite(tmp_path, example_dir):
+    out = _view_with_two_shards(tmp_path, example_dir)
+    shard = sorted(shards_root(out).rglob("a*.h5"))[0]
+    with h5py.File(shard, "r+") as f:
+        f["features"][0] = np.nan  # as an older version could have stored it
+    found = neighbors(out, 2)
+    assert len(found.excluded) == 1 and np.isfinite(found.similarity).all()
+
+
+def test_a_random_init_does_not_depend_on_other_threads_drawing_random_numbers():
+    import threading
+
+    from spp_extract import create_model
+
+    pictures = [torch.randint(0, 256, (3, 40 + i, 50), dtype=torch.uint8) for i in range(2)]
+    alone = create_model("resnet18", weights="none").embed(pictures)
+    stop = threading.Event()
+
+    def noise() -> None:
+        while not stop.is_set():
+            torch.rand(1000)
+
+    other = threading.Thread(target=noise)
+    other.start()
+    try:
+        again = [create_model("resnet18", weights="none").embed(pictures) for _ in range(3)]
+    finally:
+        stop.set()
+        other.join()
+    for vectors in again:
+        torch.testing.assert_close(vectors, alone, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_projection_is_written(tmp_path, merged, example_dir, sig):
+    reduce(merged, tmp_path / "r.h5", dim=3)
+    out = tmp_path / "q.h5"
+    args = ["extract", example_dir, "-o", out, *FAST_FLAGS, "--project", tmp_path / "r.h5"]
+    process = _slow(tmp_path, *args)  # only the projection reads an spp-extract file
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + sig, err
+    lines = err.strip().splitlines()
+    assert "the full vectors are in q.h5.full.h5" in lines[0] and "--resume" in lines[-1]
+    assert not out.exists() and not list(tmp_path.glob(".spp-*"))
