@@ -43,7 +43,7 @@ _LAZY = {
     "neighbors": "neighbors",
     "find_neighbors": "neighbors",
     "pairs_above": "neighbors",
-    "Neighbors": "neighbors",
+    "Neighbors": "records",
 }
 
 

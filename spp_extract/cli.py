@@ -15,7 +15,7 @@ from typing import Annotated, Any, get_type_hints
 import typer
 
 from . import cli_files
-from .cli_support import ProgressBar, reported
+from .cli_support import Command, ProgressBar, reported
 from .config import RULES, Config, from_command_line, load_config, parse_levels, to_toml
 from .errors import ConfigError, printable
 
@@ -38,7 +38,8 @@ def _flag(name: str) -> Any:
     if get_type_hints(Config)[name] is bool:
         option = typer.Option(f"--{flag}/--no-{flag}", help=rules.help, show_default=False)
         return Annotated[bool | None, option]
-    option = typer.Option(f"--{flag}", help=rules.help, metavar=rules.metavar, show_default=False)
+    metavar = rules.metavar or name.upper()
+    option = typer.Option(f"--{flag}", help=rules.help, metavar=metavar, show_default=False)
     return Annotated[str | None, option]
 
 
@@ -47,7 +48,13 @@ def _flag(name: str) -> Any:
 CONFIG_FLAGS: dict[str, Any] = {
     "config": Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="TOML config file (see configs/).", show_default=False),
+        typer.Option(
+            "--config",
+            "-c",
+            metavar="FILE|NAME",
+            help="TOML config file, or a shipped config by name (spp-extract configs lists them).",
+            show_default=False,
+        ),
     ],
     **{name: _flag(name) for name in RULES},
 }
@@ -167,20 +174,25 @@ def _given(ctx: typer.Context) -> tuple[list[tuple[str, Any]], list[str]]:
     return given, inputs
 
 
-@app.command()
+@app.command(cls=Command)
 @_config_flags
 def extract(
     ctx: typer.Context,
     inputs: Annotated[
         list[Path] | None,
-        typer.Argument(help="Image files and folders (walked recursively).", show_default=False),
+        typer.Argument(
+            help="Image files and folders (walked recursively).",
+            show_default=False,
+            metavar="INPUT",
+        ),
     ] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="HDF5 file to write.")] = Path(
-        "features.h5"
-    ),
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="HDF5 file to write.", metavar="FILE")
+    ] = Path("features.h5"),
     cfg: Config | None = None,
     files_from: Annotated[
-        Path | None, typer.Option(help="File with one image path per line.", show_default=False)
+        Path | None,
+        typer.Option(help="File with one image path per line.", show_default=False, metavar="FILE"),
     ] = None,
     resume: Annotated[
         bool,
@@ -212,6 +224,7 @@ def extract(
             "--project",
             help="A file written by `reduce`: OUTPUT holds the vectors projected by its transform (the full vectors go to OUTPUT.full.h5).",
             show_default=False,
+            metavar="FILE",
         ),
     ] = None,
 ) -> None:
@@ -289,43 +302,121 @@ def _summary(result: Any) -> None:
         )
 
 
-@app.command()
+@app.command(cls=Command)
 def backbones(
-    levels: Annotated[str, typer.Option(help="Pyramid levels for the vector length.")] = "4,2,1",
+    levels: Annotated[
+        str, typer.Option(help="Pyramid levels for the vector length.", metavar="N,N,...")
+    ] = "4,2,1",
+    probe: Annotated[
+        bool,
+        typer.Option("--probe", help="Ask torchvision and the models themselves, not the table."),
+    ] = False,
 ) -> None:
-    """List supported backbones: default layer, channels, vector length, exact mixed batching."""
+    """List supported backbones: default layer, channels, stride, smallest side, vector
+    length, exact mixed batching and tiling."""
     with reported():
         pyramid = load_config(None, levels=parse_levels(levels)).levels
-    from .backbones import describe, list_backbones
-    from .pooling import spp_dim
+    from . import catalog
 
-    typer.echo(f"{'backbone':<22}{'default layer':<16}{'channels':>9}{'dim':>10}  padded batching")
-    for name in list_backbones():
-        layer, channels, maskable = describe(name)
-        dim = spp_dim(channels, pyramid)
+    if probe:
+        from .families import live_names, probe_facts
+
+        rows = [catalog.BackboneFacts(name=n, **_facts(probe_facts(n))) for n in live_names()]
+    else:
+        rows = [catalog.facts(name) for name in catalog.names()]
+    typer.echo(
+        f"{'backbone':<22}{'default layer':<16}{'channels':>9}{'stride':>7}{'min side':>9}"
+        f"{'dim':>9}  padded batching, tiling"
+    )
+    for f in rows:
+        exact = "yes" if f.maskable else "no (same-size only, untileable)"
         typer.echo(
-            f"{name:<22}{layer:<16}{channels:>9}{dim:>10}  {'yes' if maskable else 'no (same-size)'}"
+            f"{f.name:<22}{f.default_layer:<16}{f.channels:>9}{f.stride:>7}{f.min_side:>9}"
+            f"{f.dim(pyramid):>9}  {exact}"
         )
 
 
-@app.command("config")
+def _facts(entry: dict[str, Any]) -> dict[str, Any]:
+    return {**entry, "layers": tuple(entry["layers"])}
+
+
+@app.command("configs", cls=Command)
+def configs() -> None:
+    """List the shipped configurations (use one with --config NAME)."""
+    from .config import shipped_configs
+
+    for name, resource in sorted(shipped_configs().items()):
+        first = resource.read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
+        typer.echo(f"{name:<18}{first}")
+
+
+@app.command("config", cls=Command)
 @_config_flags
-def show_config(cfg: Config | None = None) -> None:
+def show_config(
+    cfg: Config | None = None,
+    resolve_auto: Annotated[
+        bool,
+        typer.Option(
+            "--resolve",
+            help="Also print what every auto settles to here: device, workers, batches, memory.",
+        ),
+    ] = False,
+) -> None:
     """Print the resolved configuration as TOML (file < flags, defaults filled in)."""
     assert cfg is not None  # given by _config_flags
-    from .backbones import resolve
+    from .catalog import resolve  # the table: no torch, no model built
     from .provenance import resolved_config
 
     with reported():
-        typer.echo(to_toml(resolved_config(cfg, resolve(cfg))), nl=False)
+        resolved = resolve(cfg)
+        typer.echo(to_toml(resolved_config(cfg, resolved)), nl=False)
+        if resolve_auto:
+            from .runtime import settled
+
+            typer.echo("\n[resolved]  # what auto settles to on this machine, now")
+            typer.echo(to_toml({"weights": resolved.weights, **settled(cfg)}), nl=False)
 
 
 for command in (cli_files.inspect, cli_files.merge, cli_files.reduce, cli_files.neighbors):
-    app.command()(command)
+    app.command(cls=Command)(command)
 
 
 def main() -> None:
-    app(prog_name="spp-extract")
+    try:
+        app(prog_name="spp-extract")
+    except (ImportError, RuntimeError) as exc:
+        problem = _broken_install(exc)
+        if problem is None:
+            raise
+        typer.echo(f"spp-extract: error: {problem}", err=True)
+        raise SystemExit(1) from None
+
+
+def _broken_install(exc: BaseException) -> str | None:
+    """One line for a torch/torchvision pair that does not import together (a CPU torch beside
+    a CUDA torchvision: "operator torchvision::nms does not exist"), or a missing one; None
+    for anything else."""
+    from importlib import metadata
+
+    text = " ".join(str(exc).split())
+    missing = isinstance(exc, ModuleNotFoundError) and exc.name in ("torch", "torchvision")
+    if not (missing or "torchvision::" in text or "undefined symbol" in text):
+        return None
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "(not installed)"
+
+    torch_version, vision = version("torch"), version("torchvision")
+    minor = torch_version.split(".")[1] if torch_version[:2] == "2." else "14"
+    pair = f"torch=={torch_version.split('+')[0]} torchvision==0.{int(minor) + 15}.*"
+    return (
+        f"torch {torch_version} and torchvision {vision} do not work together "
+        f"({type(exc).__name__}: {printable(text)[:120]}); install a matching pair from the "
+        f"same index (both CPU or both CUDA builds): pip install {pair}"
+    )
 
 
 __all__ = ["app", "main"]

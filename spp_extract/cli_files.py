@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,23 +17,29 @@ from .cli_support import (
     reported,
     stopped_by_signals,
 )
-from .errors import printable
+from .errors import ConfigError, printable
 
 
 def inspect(
-    path: Annotated[Path, typer.Argument(help="An spp-extract HDF5 file.")],
-    rows: Annotated[int, typer.Option(help="How many rows to show.")] = 3,
+    path: Annotated[Path, typer.Argument(help="An spp-extract HDF5 file.", metavar="FILE")],
+    rows: Annotated[int, typer.Option(help="How many rows to show.", metavar="N")] = 3,
 ) -> None:
-    """Print count, dimension, configuration, failures and a few rows of an output file."""
-    from .reader import summary
+    """Describe any file spp-extract writes: an extraction (count, dimension, inputs,
+    configuration, failures, a few rows), a reduce output (the reduction too), a neighbors
+    output (k, source, similarities, a few lists)."""
+    from .inspection import summary
 
     with reported():
         typer.echo("\n".join(summary(path, rows)))
 
 
 def merge(
-    source: Annotated[Path, typer.Argument(help="An spp-extract output (a view over shards).")],
-    dest: Annotated[Path, typer.Argument(help="Self-contained HDF5 file to write.")],
+    source: Annotated[
+        Path, typer.Argument(help="An spp-extract output (a view over shards).", metavar="SOURCE")
+    ],
+    dest: Annotated[
+        Path, typer.Argument(help="Self-contained HDF5 file to write.", metavar="DEST")
+    ],
     overwrite: Overwrite = False,
 ) -> None:
     """Copy an output and its shards into one self-contained HDF5 file."""
@@ -44,11 +51,14 @@ def merge(
 
 
 def reduce(
-    source: Annotated[Path, typer.Argument(help="An spp-extract HDF5 file.")],
+    source: Annotated[Path, typer.Argument(help="An spp-extract HDF5 file.", metavar="SOURCE")],
     dest: Annotated[
-        Path, typer.Argument(help="HDF5 file to write (reduced vectors and the transform).")
+        Path,
+        typer.Argument(
+            help="HDF5 file to write (reduced vectors and the transform).", metavar="DEST"
+        ),
     ],
-    dim: Annotated[int, typer.Option("--dim", help="Output dimension.")],
+    dim: Annotated[int, typer.Option("--dim", help="Output dimension.", metavar="N")],
     whiten: Annotated[
         bool, typer.Option("--whiten", help="PCA-whitening (unit variance per axis).")
     ] = False,
@@ -58,6 +68,7 @@ def reduce(
             "--power",
             help="Signed power normalisation first, e.g. 0.5 (default: off).",
             show_default=False,
+            metavar="P",
         ),
     ] = None,
     l2: Annotated[
@@ -77,7 +88,7 @@ def reduce(
             show_default=False,
         ),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the row sample.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the row sample.", metavar="N")] = 0,
     device: DeviceOption = "auto",
     overwrite: Overwrite = False,
     quiet: QuietOption = False,
@@ -117,8 +128,12 @@ def reduce(
 
 
 def neighbors(
-    source: Annotated[Path, typer.Argument(help="An spp-extract HDF5 file (full or reduced).")],
-    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per row (itself excluded).")] = 10,
+    source: Annotated[
+        Path, typer.Argument(help="An spp-extract HDF5 file (full or reduced).", metavar="SOURCE")
+    ],
+    k: Annotated[
+        int, typer.Option("-k", "--k", help="Neighbours per row (itself excluded).", metavar="K")
+    ] = 10,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -126,6 +141,7 @@ def neighbors(
             "-o",
             help="HDF5 file: neighbors/index, neighbors/similarity, paths.",
             show_default=False,
+            metavar="FILE",
         ),
     ] = None,
     pairs: Annotated[
@@ -134,18 +150,47 @@ def neighbors(
             "--pairs",
             help="CSV of near-duplicate pairs: path_a,path_b,similarity.",
             show_default=False,
+            metavar="FILE",
         ),
     ] = None,
     threshold: Annotated[
-        float, typer.Option("--threshold", help="Least cosine similarity of a pair in --pairs.")
+        float,
+        typer.Option(
+            "--threshold", help="Least cosine similarity of a pair in --pairs.", metavar="COSINE"
+        ),
     ] = 0.95,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="Print the lists on stdout as text, csv or jsonl (default: text when no file "
+            "is written).",
+            show_default=False,
+            metavar="text|csv|jsonl",
+        ),
+    ] = None,
+    absolute: Annotated[
+        bool,
+        typer.Option(
+            "--absolute",
+            help="Paths joined with the input folder each image was read from, so they open "
+            "from anywhere (default: as stored, relative to it).",
+        ),
+    ] = False,
     device: DeviceOption = "auto",
     overwrite: Overwrite = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Exact cosine top-k neighbours of every row; near-duplicate pairs with --pairs."""
+    """Exact cosine top-k neighbours of every row, printed or written (-o); near-duplicate
+    pairs with --pairs; a histogram of nearest-neighbour similarities to choose --threshold."""
+    from .listing import FORMATS
+
     progress = ProgressBar(sys.stderr, enabled=not quiet)
     with reported(progress), stopped_by_signals():
+        if fmt is None and output is None and pairs is None:
+            fmt = "text"
+        if fmt is not None and fmt not in FORMATS:
+            raise ConfigError(f"format {fmt!r} is invalid; expected one of: {', '.join(FORMATS)}")
         from .neighbors import find_neighbors, pairs_above
 
         found = find_neighbors(
@@ -154,15 +199,20 @@ def neighbors(
             k,
             pairs=pairs,
             threshold=threshold,
+            absolute=absolute,
             overwrite=overwrite,
             device=device,
             progress=progress,
         )
-    progress.close()
+        progress.close()
+        if fmt is not None:
+            _print_lists(source, found, fmt, absolute)
     if not quiet:
         written = [printable(str(p)) for p in (output, pairs) if p is not None]
         count = f", {len(pairs_above(found, threshold)[0])} pairs >= {threshold}" if pairs else ""
-        typer.echo(f"{len(found.index)} rows, k = {k}{count} -> {', '.join(written)}", err=True)
+        where = f" -> {', '.join(written)}" if written else ""
+        typer.echo(f"{len(found.index)} rows, k = {k}{count}{where}", err=True)
+        _similarity_histogram(found, threshold)
         if len(found.excluded):
             first = ", ".join(printable(p) for p in found.excluded_paths[:3])
             typer.echo(
@@ -170,6 +220,37 @@ def neighbors(
                 + (", ..." if len(found.excluded) > 3 else ""),
                 err=True,
             )
+
+
+def _print_lists(source: Path, found: Any, fmt: str, absolute: bool) -> None:
+    """The lists on stdout; a reader that stops early (``| head``) ends it quietly."""
+    import h5py
+
+    from .listing import PathNames, write_lists
+
+    try:
+        with h5py.File(source, "r", locking=False) as f:
+            names = PathNames(f, absolute)
+            write_lists(sys.stdout, found, names, names, fmt)
+            sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        raise typer.Exit(0) from None
+
+
+def _similarity_histogram(found: Any, threshold: float) -> None:
+    import numpy as np
+
+    from .listing import histogram
+
+    kept = np.ones(len(found.index), bool)
+    kept[found.excluded] = False
+    nearest = found.similarity[kept, 0] if found.index.shape[1] else found.similarity[:0, 0]
+    lines = histogram(nearest, threshold)
+    if lines:
+        typer.echo("similarity of each row's nearest neighbour:", err=True)
+        typer.echo("\n".join(lines), err=True)
 
 
 def reduce_notes(fitted: Any, dest: Path) -> list[str]:

@@ -11,8 +11,32 @@ import typer
 
 from .errors import SppError, printable, raising_signals
 
+
+class _PlainArgument(typer.core.TyperArgument):
+    def display_type(self, ctx: Any) -> str:
+        return ""  # the help says what it is; no "<path>" beside it
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+
+class Command(typer.core.TyperCommand):
+    """typer's command with plain argument help: ``merge SOURCE DEST``, not ``{source}
+    {dest}``, and no ``<list[Path]>`` beside an argument."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if type(param) is typer.core.TyperArgument:
+                param.__class__ = _PlainArgument
+
+
 DeviceOption = Annotated[
-    str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+    str,
+    typer.Option(
+        "--device", metavar="DEVICE", help="auto (CUDA when present), cpu, cuda or cuda:N."
+    ),
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 

@@ -13,6 +13,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, get_args
@@ -263,8 +264,16 @@ def _line_of(text: str, key: str) -> int | None:
     return None
 
 
+def shipped_configs() -> dict[str, Any]:
+    """The configurations that come with the package (``configs/`` in a checkout), by name:
+    name -> a readable resource."""
+    folder = resources.files("spp_extract.configs")
+    return {p.name.removesuffix(".toml"): p for p in folder.iterdir() if p.name.endswith(".toml")}
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
-    """Built-in defaults, then the TOML file at ``path``, then ``overrides`` (None = not given).
+    """Built-in defaults, then the TOML file at ``path`` (or the shipped config of that name,
+    ``sppnet_vgg16``, when no such file exists here), then ``overrides`` (None = not given).
 
     ``origins`` of the result names the file and line of each key the file set."""
     values: dict[str, Any] = {}
@@ -272,8 +281,19 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
     if path is not None:
         path = Path(path)
         shown = printable(str(path))
+        shipped = shipped_configs()
         try:
-            text = path.read_text(encoding="utf-8")
+            if not path.exists() and path.name == str(path) and path.stem in shipped:
+                text, shown = shipped[path.stem].read_text(encoding="utf-8"), path.stem
+            else:
+                text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            names = ", ".join(sorted(shipped))
+            raise ConfigError(
+                f"cannot read config file '{shown}': it does not exist; give a TOML file, or "
+                f"the name of a "
+                f"shipped config: {names} (spp-extract configs lists them)"
+            ) from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file '{shown}': {exc.strerror}") from None
         except UnicodeDecodeError as exc:
@@ -317,7 +337,7 @@ _ESCAPES = {
     "\f": "\\f",
     "\r": "\\r",
 }
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _toml_string(text: str) -> str:
@@ -352,6 +372,6 @@ def to_toml(values: Mapping[str, Any]) -> str:
     """Flat mapping -> TOML text that ``tomllib.loads`` reads back as the same values (tuples
     as lists). Raises ValueError for text that is not Unicode (lone surrogates)."""
     return "".join(
-        f"{key if _BARE_KEY.match(key) else _toml_string(key)} = {_toml_value(value)}\n"
+        f"{key if _BARE_KEY.fullmatch(key) else _toml_string(key)} = {_toml_value(value)}\n"
         for key, value in values.items()
     )

@@ -33,7 +33,11 @@ class ImageRef:
     @property
     def source(self) -> bytes:
         """Where the file is (absolute path): a resume redoes a stored path that now names
-        another file."""
+        another file. It ends with the stored path, so that the input root is the source less
+        the stored path: a file named directly by a path that leaves the current folder
+        (stored as ``../x.jpg``) is the current folder joined with it, not normalised."""
+        if self.key.split(os.sep)[0] == os.pardir:
+            return os.fsencode(os.path.join(os.getcwd(), self.key))
         return os.fsencode(os.path.abspath(self.path))
 
 

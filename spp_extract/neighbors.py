@@ -4,12 +4,10 @@ top-k is kept, with exact, deterministic ties; rows that are not finite are left
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -17,15 +15,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import __version__
 from .devices import device_named
-from .errors import ConfigError, option, printable
+from .errors import ConfigError
+from .listing import PathNames, write_pairs
 from .outputs import OutputFile, open_output
 from .pca import l2_normalize
 from .reader import block_rows_for
-from .records import Progress
-from .storage import check_destinations, written_atomically
+from .records import Neighbors, Progress
+from .storage import FORMAT_VERSION, check_destinations, written_together
 
 _LOW = (1 << 32) - 1
+NEIGHBORS_KIND = "neighbors"  # the kind attribute of the files `neighbors -o` writes
 
 
 def _keys(sim: Tensor, rows: Tensor) -> Tensor:
@@ -83,15 +84,6 @@ def topk_cosine(
         sim[:, left_out] = -math.inf
         best = torch.cat([best, _block_topk(sim, first, k)], 1).topk(k, dim=1).values  # (q, k)
     return _unkey(best)
-
-
-@dataclass
-class Neighbors:
-    index: np.ndarray  # (N, k) int64 row numbers; -1 for the rows left out
-    similarity: np.ndarray  # (N, k) float32, descending; 0 for the rows left out
-    # rows whose vectors are not finite: in no list, and with no list of their own
-    excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    excluded_paths: list[str] = field(default_factory=list)
 
 
 def neighbors(
@@ -202,64 +194,52 @@ def find_neighbors(
     *,
     pairs: str | os.PathLike[str] | None = None,
     threshold: float = 0.95,
+    absolute: bool = False,
     overwrite: bool = False,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
 ) -> Neighbors:
     """``neighbors`` of ``source`` written to ``dest`` (``neighbors/index``,
-    ``neighbors/similarity``, the source's ``paths`` and ``path_bytes``) and, with ``pairs``,
-    the near-duplicate pairs (``pairs_above(threshold)``) as CSV ``path_a,path_b,similarity``."""
+    ``neighbors/similarity``, the source's ``paths``, ``path_bytes`` and input roots) and,
+    with ``pairs``, the near-duplicate pairs (``pairs_above(threshold)``) as CSV
+    ``path_a,path_b,similarity`` (``absolute``: paths joined with their input root). Both are
+    written, or neither."""
     source = Path(source)
-    if dest is None and pairs is None:
-        raise ConfigError(f"nothing to write; give {option('output')} and/or {option('pairs')}")
     if not (math.isfinite(threshold) and -1 <= threshold <= 1):
         raise ConfigError(f"threshold {threshold} is invalid; expected a cosine from -1 to 1")
     with open_output(source) as opened:
-        src = opened.file
         outputs = [Path(out) for out in (dest, pairs) if out is not None]
         check_destinations(outputs, [source], overwrite=overwrite, folders=opened.folders)
         found = search(opened, k, device=device, progress=progress)
-        if dest is not None:
-            dest = Path(dest)
-            advice = "nothing was written; free space or choose another destination, then run again"
-            with (
-                written_atomically(dest, advice) as fh,
-                h5py.File(fh, "w") as out,
-            ):
-                group = out.create_group("neighbors")
-                group.create_dataset("index", data=found.index)
-                group.create_dataset("similarity", data=found.similarity)
-                group.create_dataset("excluded", data=found.excluded, dtype=np.int64)
-                for name in ("paths", "path_bytes"):
-                    src.copy(src[name], out, name=name)
-                out.attrs.update(
-                    k=k,
-                    metric="cosine",
-                    source_file=source.name,
-                    ties="equal similarities: lower row first",
-                    config=str(src.attrs.get("config", "")),
-                )
-        if pairs is not None:
-            lo, hi, sims = pairs_above(found, threshold)
-            paths = src["paths"].asstr(errors="replace")
-            needed = np.unique(np.concatenate([lo, hi]))
-            names = dict(zip(needed.tolist(), (paths[needed] if len(needed) else []), strict=True))
-            _write_csv(
-                Path(pairs),
-                [
-                    (printable(names[i]), printable(names[j]), f"{s:.6f}")
-                    for i, j, s in zip(lo.tolist(), hi.tolist(), sims.tolist(), strict=True)
-                ],
-            )
+        advice = "nothing was written; free space or choose another destination, then run again"
+        with written_together(outputs, advice) as files:
+            if dest is not None:
+                with h5py.File(files[0], "w") as out:
+                    _write_result(out, found, opened, source)
+            if pairs is not None:
+                names = PathNames(opened.file, absolute)
+                with io.TextIOWrapper(files[-1], encoding="utf-8", newline="") as text:
+                    write_pairs(text, pairs_above(found, threshold), names, names)
     return found
 
 
-def _write_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
-    advice = "the pairs were not written; free space or choose another file, then run again"
-    with (
-        written_atomically(path, advice) as fh,
-        io.TextIOWrapper(fh, encoding="utf-8", newline="") as text,
-    ):
-        writer = csv.writer(text)
-        writer.writerow(["path_a", "path_b", "similarity"])
-        writer.writerows(rows)
+def _write_result(out: h5py.File, found: Neighbors, opened: OutputFile, source: Path) -> None:
+    src = opened.file
+    group = out.create_group("neighbors")
+    group.create_dataset("index", data=found.index)
+    group.create_dataset("similarity", data=found.similarity)
+    group.create_dataset("excluded", data=found.excluded, dtype=np.int64)
+    for name in ("paths", "path_bytes", "roots", "root_bytes", "root"):
+        if name in src:
+            src.copy(src[name], out, name=name)
+    out.attrs.update(
+        kind=NEIGHBORS_KIND,
+        format_version=FORMAT_VERSION,
+        spp_extract_version=__version__,
+        k=found.index.shape[1],
+        metric="cosine",
+        source_file=source.name,
+        source_rows=len(found.index),
+        ties="equal similarities: lower row first",
+        config=str(src.attrs.get("config", "")),
+    )

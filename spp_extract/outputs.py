@@ -46,6 +46,13 @@ def identify(path: Path) -> dict[str, Any]:
     except OSError as exc:
         detail = "not an HDF5 file" if not h5py.is_hdf5(path) else printable(str(exc))
         raise ConfigError(f"'{path}' is not an spp-extract file ({detail})") from None
+    if attrs.get("kind") == "neighbors" or "neighbors" in names:
+        source = attrs.get("source_file", "")
+        made_from = f" ({printable(str(source))})" if source else ""
+        raise ConfigError(
+            f"'{path}' holds neighbour lists (spp-extract neighbors wrote it), not vectors; "
+            f"give the features file it was made from{made_from} (spp-extract inspect shows it)"
+        )
     if "format_version" not in attrs or not {"features", "paths", "failed"} <= names:
         raise ConfigError(
             f"'{path}' is an HDF5 file that spp-extract did not write (no format_version "
@@ -153,6 +160,9 @@ _KIND = {
     "file_size": "int",
     "mtime_ns": "int",
     "tiles": "int",
+    "root": "int",
+    "roots": "text",
+    "root_bytes": "bytes",
     "error_class": "text",
     "errors": "text",
 }

@@ -148,6 +148,8 @@ def _extract(
             ctx, lambda: _model(config, resolved, ctx, device), "build the model"
         )
         runtime.apply()
+        if ctx.rank == 0:
+            runtime.warn_about_precision()
         # From here on, things are written; a signal is noted, and acted on between batches.
         caught = stack.enter_context(_signals())
         provenance = Provenance.of_run(config, resolved, spp_dim(trunk.channels, config.levels))

@@ -1,17 +1,15 @@
-"""Reading spp-extract files: all of it, chosen rows, or block by block at any size; and the
-summary `spp-extract inspect` prints."""
+"""Reading spp-extract files: all of it, chosen rows, or block by block at any size."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import h5py
 import numpy as np
 
-from .errors import printable
 from .outputs import OutputFile, open_output
 
 
@@ -27,6 +25,16 @@ class Features:
     failed_errors: list[str]
     attrs: dict[str, Any]
     complete: bool  # False: written by an interrupted run, rows so far only (resume it)
+    roots: list[str] = field(default_factory=list)  # the input roots the rows came from
+    root: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # (N,), -1: unknown
+
+    def absolute_paths(self) -> list[str | None]:
+        """Each row's file where it was read: its input root joined with its path (None for
+        rows written before roots were recorded)."""
+        return [
+            os.path.join(self.roots[r], p) if 0 <= r < len(self.roots) else None
+            for r, p in zip(self.root.tolist(), self.paths, strict=True)
+        ]
 
 
 RowSelection = slice | Sequence[int] | np.ndarray
@@ -88,6 +96,7 @@ def read_features(path: str | os.PathLike[str], rows: RowSelection | None = None
             features = opened.read(0, opened.rows)
             paths = list(f["paths"].asstr(errors="replace")[:])
             image_size, feature_map_size = f["image_size"][:], f["feature_map_size"][:]
+            root = f["root"][:] if "root" in f else np.full(opened.rows, -1, np.int32)
         else:
             index = _row_index(rows, opened.rows)
             features = _take_features(opened, index)
@@ -95,6 +104,7 @@ def read_features(path: str | os.PathLike[str], rows: RowSelection | None = None
             paths = [p.decode("utf-8", "replace") if isinstance(p, bytes) else p for p in paths]
             image_size = _take(f["image_size"], index)
             feature_map_size = _take(f["feature_map_size"], index)
+            root = _take(f["root"], index) if "root" in f else np.full(len(index), -1, np.int32)
         return Features(
             features=features,
             paths=paths,
@@ -104,6 +114,8 @@ def read_features(path: str | os.PathLike[str], rows: RowSelection | None = None
             failed_errors=list(f["failed/errors"].asstr(errors="replace")[:]),
             attrs=dict(f.attrs),
             complete=bool(f.attrs.get("complete", True)),
+            roots=list(f["roots"].asstr(errors="replace")[:]) if "roots" in f else [],
+            root=root,
         )
 
 
@@ -123,59 +135,3 @@ def iter_features(
         paths = opened.file["paths"].asstr(errors="replace")
         for start in range(0, n, step):
             yield start, opened.read(start, start + step), list(paths[start : start + step])
-
-
-# what the run actually used, shown by `inspect` (the configuration may say "auto")
-_RECORDED = (
-    "device",
-    "batching",
-    "world_size",
-    "weights",
-    "complete",
-    "spp_extract_version",
-    "torch_version",
-    "torchvision_version",
-    "created",
-)
-
-
-def summary(path: str | os.PathLike[str], rows: int = 3) -> list[str]:
-    """Human-readable lines for `spp-extract inspect`."""
-    with open_output(path) as opened:
-        f, features = opened.file, opened.features
-        n, dim = features.shape
-        lines = [
-            f"{path}: {n} images, {dim}-dim {features.dtype}, layout {f.attrs.get('layout', '?')}"
-        ]
-        if not f.attrs.get("complete", True):
-            lines.append("INCOMPLETE: written by an interrupted run; rerun it with --resume")
-        lines.append("configuration:")
-        lines += [f"  {line}" for line in str(f.attrs.get("config", "")).splitlines()]
-        for key in _RECORDED:
-            if key in f.attrs:
-                value = f.attrs[key]
-                lines.append(
-                    f"{key}: {str(value).lower() if isinstance(value, np.bool_ | bool) else value}"
-                )
-        failed = f["failed"]
-        lines.append(f"failures: {failed['paths'].shape[0]}")
-        for p, k, e in zip(
-            failed["paths"].asstr(errors="replace")[:],
-            failed["error_class"].asstr(errors="replace")[:],
-            failed["errors"].asstr(errors="replace")[:],
-            strict=True,
-        ):
-            lines.append(f"  {printable(p)}: {k}: {printable(e)}")
-        paths = f["paths"].asstr(errors="replace")
-        tiles = f["tiles"][:] if "tiles" in f else np.zeros(n, np.int32)
-        if n:
-            lines.append(f"tiled: {int(np.count_nonzero(tiles))} of {n} images (over max_memory)")
-        for i in range(min(rows, n)):
-            head = ", ".join(f"{v:.4g}" for v in features[i][:4])
-            size = tuple(int(v) for v in f["image_size"][i])
-            fmap = tuple(int(v) for v in f["feature_map_size"][i])
-            tiled = f"  tiles {int(tiles[i])}" if tiles[i] else ""
-            lines.append(
-                f"row {i}: {printable(paths[i])}  size {size}  map {fmap}{tiled}  [{head}, ...]"
-            )
-    return lines

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 # progress(done, total), called as work is done (the CLI draws a bar with it)
 Progress = Callable[[int, int], None]
@@ -45,3 +47,14 @@ class Failure:
 
 
 Outcome = Vector | Failure  # one per computed image
+
+
+@dataclass
+class Neighbors:
+    """Each query row's k nearest rows (``neighbors``)."""
+
+    index: np.ndarray  # (N, k) int64 row numbers; -1 for the rows left out
+    similarity: np.ndarray  # (N, k) float32, descending; 0 for the rows left out
+    # rows whose vectors are not finite: in no list, and with no list of their own
+    excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    excluded_paths: list[str] = field(default_factory=list)

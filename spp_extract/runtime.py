@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from .backbones import Trunk
 from .config import AUTO, Config
 from .devices import Dist, cores
-from .errors import ConfigError, Interrupted, OutputError, SppError, printable
+from .errors import ConfigError, Interrupted, OutputError, SppError, option, printable
 from .memory import MemoryModel, decode_bytes, memory_budget, memory_model, module_bytes
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,25 @@ class Runtime:
             autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision),
         )
 
+    def warn_about_precision(self) -> None:
+        """bf16/fp16 on a CPU without native support for it is emulated, and far slower than
+        fp32 (30x on AVX2-only CPUs): a measured warning, once per run (not a refusal: a run
+        resumed there must keep the precision it started with)."""
+        if self.device.type != "cpu" or self.autocast is None:
+            return
+        factor = low_precision_slowdown(self.autocast)
+        if factor > 2:
+            name = "bf16" if self.autocast == torch.bfloat16 else "fp16"
+            log.warning(
+                "precision %s runs %.0fx slower than fp32 on this CPU (%s: no native %s); "
+                "fp32 is faster here, and exact (%s)",
+                name,
+                factor,
+                torch.backends.cpu.get_cpu_capability(),
+                name,
+                option("precision", "fp32"),
+            )
+
     def apply(self) -> None:
         """Set this process up for the run (``process_settings_restored`` undoes it)."""
         if self.device.type == "cpu":
@@ -156,6 +176,51 @@ def _restore(saved: tuple[Any, ...]) -> None:
 
 _SETTINGS_LOCK = threading.Lock()
 _runs_in_process: list[Any] = [0, None]  # runs under way in this process, the caller's settings
+
+
+def settled(config: Config) -> dict[str, Any]:
+    """What every ``auto`` of ``config`` settles to in this process, now (``spp-extract config
+    --resolve``): the trunk is built with random weights, which size it the same."""
+    from .backbones import build_trunk
+    from .devices import resolve_device
+
+    ctx = Dist.from_env()
+    device = resolve_device(config, ctx)
+    trunk = build_trunk(config.replace(weights="none"))
+    runtime = Runtime.resolve(config, trunk, device=device, ctx=ctx)
+    return {
+        "device": str(runtime.device),
+        "workers": runtime.workers,
+        "threads": runtime.threads,
+        "batching": "padded" if runtime.padded else "same-size",
+        "batch_size": runtime.batch_size,
+        "batch_pixels": runtime.batch_pixels,
+        "max_memory": runtime.budget if runtime.budget is not None else "none",
+        "tiling": runtime.tileable,
+        "precision": config.precision,
+    }
+
+
+def low_precision_slowdown(dtype: torch.dtype) -> float:
+    """How many times slower a 3x3 convolution runs under CPU autocast to ``dtype`` than in
+    fp32, measured (about 0.1 s): CPUs with AVX-512 BF16 or AMX gain, others emulate it."""
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).eval()
+    x = torch.zeros(1, 64, 64, 64)
+
+    def best(autocast: torch.dtype | None) -> float:
+        times = []
+        with (
+            torch.inference_mode(),
+            torch.autocast("cpu", dtype=autocast, enabled=autocast is not None),
+        ):
+            conv(x)
+            for _ in range(3):
+                start = time.perf_counter()
+                conv(x)
+                times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(dtype) / max(best(None), 1e-6)
 
 
 @contextlib.contextmanager

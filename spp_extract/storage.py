@@ -44,6 +44,10 @@ ROW_FIELDS: dict[str, tuple[Any, int | None]] = {
 }
 
 
+# The datasets with one entry per row, in the output and in failed/ (besides features).
+PER_ROW = ("paths", "path_bytes", "root", *ROW_FIELDS)
+
+
 def shards_root(output: Path) -> Path:
     return output.with_name(output.name + ".shards")
 
@@ -232,6 +236,43 @@ def written_atomically(path: Path, advice: str | None = None) -> Iterator[Guarde
         guard.release()
 
 
+@contextlib.contextmanager
+def written_together(
+    paths: Sequence[Path], advice: str | None = None
+) -> Iterator[list[GuardedFile]]:
+    """``written_atomically`` for several files at once: the body writes every temporary file
+    (yielded in the order of ``paths``); only when all were written does any replace its
+    ``path``. On an error or signal in any of them, none is replaced."""
+    with contextlib.ExitStack() as stack:
+        guards: list[GuardedFile] = []
+        for path in paths:
+            remove_stale_tmp(path)
+            try:
+                guard = GuardedFile(atomic_path(path))
+            except OSError as exc:
+                raise disk_error(exc, path, advice) from None
+            stack.callback(guard.release)
+            stack.callback(guard.path.unlink, missing_ok=True)
+            guards.append(guard)
+        try:
+            yield guards
+        except (OSError, RuntimeError) as exc:  # HDF5 closing a file whose write failed
+            failed = next(((p, g) for p, g in zip(paths, guards, strict=True) if g.error), None)
+            if failed is None:
+                raise
+            raise disk_error(failed[1].error or exc, failed[0], advice) from None
+        for path, guard in zip(paths, guards, strict=True):
+            try:
+                guard.check()
+            except OSError as exc:
+                raise disk_error(exc, path, advice) from None
+        for path, guard in zip(paths, guards, strict=True):
+            try:
+                finish_atomic(guard.path, path)
+            except OSError as exc:
+                raise disk_error(exc, path, advice) from None
+
+
 def _same(a: Path, b: Path) -> bool:
     if a.resolve() == b.resolve():
         return True
@@ -284,12 +325,11 @@ def copy_as_merged(
     (``layout = merged``, no shards folder). ``failing = (rows, error_class, message)``: those
     rows (sorted row numbers; their vectors were not written) move from the per-row datasets
     to ``failed/``, which stays sorted by path."""
-    rows = src["paths"].shape[0]
     dropped = failing[0] if failing is not None else np.zeros(0, np.int64)
     for name, obj in src.items():
         if name in skip:
             continue
-        if not len(dropped) or (name != "failed" and obj.shape[:1] != (rows,)):
+        if not len(dropped) or (name != "failed" and name not in PER_ROW):
             src.copy(obj, out, name=name)
         elif name != "failed":
             out.create_dataset(name, data=np.delete(obj[:], dropped, axis=0), dtype=obj.dtype)
@@ -317,6 +357,8 @@ def _fail_rows(
             added = np.array([error_class] * len(rows), dtype=object)
         elif name == "errors":
             added = np.array([message] * len(rows), dtype=object)
+        elif name == "root" and name not in src:  # a file from before roots were recorded
+            added = np.full(len(rows), -1, column.dtype)
         else:
             added = src[name][rows]
         columns[name] = (np.concatenate([column[:], added]), column.dtype)

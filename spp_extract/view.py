@@ -98,8 +98,11 @@ def assemble(
                     )
                     layout[start : start + count] = source[row : row + count]
                 out.create_virtual_dataset("features", layout, fillvalue=np.nan)
-                _write_rows(out, ok, handles)
-                _write_failed(out.create_group("failed"), failed, handles)
+                roots = sorted({_root(k, r) for k, r in records} - {None})  # type: ignore[type-var]
+                out.create_dataset("roots", data=[key_text(r) for r in roots], dtype=STR)
+                out.create_dataset("root_bytes", data=bytes_array(roots), dtype=BYTES)
+                _write_rows(out, ok, handles, roots)
+                _write_failed(out.create_group("failed"), failed, handles, roots)
                 out.attrs.update(attrs)
                 out.attrs["complete"] = complete
                 out.attrs["layout"] = "view"
@@ -131,19 +134,39 @@ def _gather(
     return out
 
 
+def _root(key: bytes, record: Record) -> bytes | None:
+    """The input root a row came from: its absolute location less its stored path (None for
+    rows of shards written before locations were kept)."""
+    source = record.source
+    if source is None:
+        return None
+    if source.endswith(b"/" + key):
+        return source[: -len(key) - 1] or b"/"
+    return os.path.dirname(source) if source != key else b"/"
+
+
 def _write_rows(
-    group: h5py.Group, records: Sequence[tuple[bytes, Record]], handles: dict[int, h5py.File]
+    group: h5py.Group,
+    records: Sequence[tuple[bytes, Record]],
+    handles: dict[int, h5py.File],
+    roots: Sequence[bytes],
 ) -> None:
     group.create_dataset("paths", data=[key_text(k) for k, _ in records], dtype=STR)
     group.create_dataset("path_bytes", data=bytes_array([k for k, _ in records]), dtype=BYTES)
+    index = {root: i for i, root in enumerate(roots)}
+    which = [index.get(_root(k, r), -1) for k, r in records]  # type: ignore[arg-type]
+    group.create_dataset("root", data=np.asarray(which, np.int32), dtype=np.int32)
     for name, (dtype, width) in ROW_FIELDS.items():
         group.create_dataset(name, data=_gather(records, handles, name, dtype, width), dtype=dtype)
 
 
 def _write_failed(
-    group: h5py.Group, records: Sequence[tuple[bytes, Record]], handles: dict[int, h5py.File]
+    group: h5py.Group,
+    records: Sequence[tuple[bytes, Record]],
+    handles: dict[int, h5py.File],
+    roots: Sequence[bytes],
 ) -> None:
-    _write_rows(group, records, handles)
+    _write_rows(group, records, handles, roots)
     group.create_dataset(
         "error_class", data=_gather(records, handles, "error_class", STR, None), dtype=STR
     )

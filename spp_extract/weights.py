@@ -1,13 +1,10 @@
-"""Weights: what a configuration's ``weights`` names (``DEFAULT`` or another torchvision name,
-a state-dict file, or ``none``), checked without loading them; and loading them: torchvision's
-through its cache (``$TORCH_HOME/hub/checkpoints``), a file with ``torch.load(weights_only=
-True)`` only, or a random init from the seed. Normalisation uses the weights' mean/std only,
-never their resize/crop preset."""
+"""Loading weights (what ``weights`` names is resolved by ``catalog``): torchvision's through
+its cache (``$TORCH_HOME/hub/checkpoints``), a state-dict file with ``torch.load(weights_only=
+True)`` only, or a random init from the seed."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -30,8 +27,6 @@ log = logging.getLogger("spp_extract.backbones")  # the CLI shows its "downloadi
 
 # sys.stdout is swapped while torch.hub may print: one thread at a time
 _STDOUT = threading.Lock()
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def get_model(name: str, **kwargs: object) -> nn.Module:
@@ -41,69 +36,14 @@ def get_model(name: str, **kwargs: object) -> nn.Module:
         return _tv_get_model(name, **kwargs)
 
 
-def weights_enum(config: Config):  # noqa: ANN202 (torchvision WeightsEnum member)
-    enum = get_model_weights(config.backbone)
-    if config.weights == "DEFAULT":
-        return enum.DEFAULT
-    if "_Weights." in config.weights and not Path(config.weights).exists():
-        try:  # torchvision's own parser: refuses another model's weights
-            return enum.verify(config.weights)
-        except (ValueError, KeyError):
-            options = ", ".join(["DEFAULT", *(w.name for w in enum)])
-            raise ConfigError(
-                f"weights {config.weights!r}{config.came_from('weights')} are not "
-                f"{config.backbone}'s ({enum.__name__}); expected one of: {options}"
-            ) from None
-    names = [w.name for w in enum]
-    short = config.weights.split(".")[-1]
-    if short in names:
-        return enum[short]
-    return None
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def resolve_weights(config: Config) -> tuple[str, str, tuple[float, ...], tuple[float, ...]]:
-    """(weights as resolved, what identifies their values, mean, std): ``ResNet50_Weights.
-    IMAGENET1K_V2`` twice and its own mean/std, ``file:<path>`` and ``sha256:<hex>``, or
-    ``none`` twice (the seed decides). Files and ``none`` normalise with ImageNet's mean/std;
-    the config's own, if set, win. Raises ConfigError."""
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if config.weights == "none":
-        weights, weights_id = "none", "none"  # the seed is in the provenance
-    elif (w := weights_enum(config)) is not None:
-        weights, weights_id = str(w), str(w)
-        preset = w.transforms()
-        mean, std = tuple(preset.mean), tuple(preset.std)
-    else:
-        path = Path(config.weights)
-        if not path.is_file():
-            options = ", ".join(["DEFAULT", *(w.name for w in get_model_weights(config.backbone))])
-            raise ConfigError(
-                f"weights {config.weights!r} is neither a file nor a weights name for "
-                f"{config.backbone}{config.came_from('weights', 'backbone')}; expected a "
-                f"state-dict file, 'none', or one of: {options}"
-            )
-        weights, weights_id = f"file:{path}", f"sha256:{sha256(path)}"
-    if config.mean:
-        mean, std = config.mean, config.std
-    return weights, weights_id, tuple(float(v) for v in mean), tuple(float(v) for v in std)
-
-
 def load_model(config: Config, resolved: Resolved) -> nn.Module:
     """The whole torchvision model: with torchvision's weights (downloaded once into its
     cache), or randomly initialised from ``config.seed`` (a weights file is loaded into the
     trunk afterwards, ``load_state_file``). Raises ConfigError when the weights cannot be had."""
-    enum_weights = None if resolved.weights.startswith(("none", "file:")) else weights_enum(config)
-    if enum_weights is None:
+    if resolved.weights.startswith(("none", "file:")):
         with private_init(config.seed):  # random init is reproducible for weights = "none"
             return get_model(config.backbone, weights=None)
+    enum_weights = get_model_weights(config.backbone)[resolved.weights.partition(".")[2]]
     cache = expected_cache_file(enum_weights.url)
     if not cache.is_file():
         log.info("downloading %s to %s", enum_weights.url, cache)

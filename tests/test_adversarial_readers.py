@@ -30,9 +30,9 @@ from spp_extract import (
     merge,
     read_features,
 )
+from spp_extract.inspection import summary
 from spp_extract.neighbors import neighbors
 from spp_extract.projection import Projection, fit_projection, project_file
-from spp_extract.reader import summary
 
 SLOW_SETTINGS = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -253,8 +253,9 @@ def test_threads_extracting_embedding_and_decoding_at_once_get_the_single_thread
     assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == pillow
 
 
+@pytest.mark.slow  # builds regnet_y_400mf many times
 def test_building_a_regnet_touches_no_other_threads_modules():
-    from spp_extract.backbones import meta_model
+    from spp_extract.families import meta_model
 
     stop = threading.Event()
     devices: set[str] = set()

@@ -7,7 +7,8 @@ from conftest import photo
 from torchvision.models import get_model, get_model_weights
 
 from spp_extract import Config, ConfigError, extract, read_features
-from spp_extract.backbones import FAMILIES, build_trunk, describe, list_backbones, resolve
+from spp_extract.backbones import build_trunk, describe, list_backbones, resolve
+from spp_extract.families import FAMILIES
 from spp_extract.weights import expected_cache_file
 
 

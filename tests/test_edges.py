@@ -70,7 +70,11 @@ def test_a_non_finite_vector_is_a_failure_row_never_stored(tmp_path):
     ("flags", "fix"),
     [
         (["--dtype", "float16"], "use --dtype float32"),
-        (["--precision", "fp16"], "use --precision bf16 or fp32"),
+        pytest.param(
+            ["--precision", "fp16"],
+            "use --precision bf16 or fp32",
+            marks=pytest.mark.slow,  # fp16 is emulated on most CPUs
+        ),
     ],
     ids=["float16-overflow", "fp16-compute"],
 )

@@ -10,13 +10,13 @@ from torch import nn
 
 from spp_extract import Config
 from spp_extract.backbones import (
-    FAMILIES,
     Trunk,
     build_trunk,
     describe,
     list_backbones,
     resolve,
 )
+from spp_extract.families import FAMILIES
 from spp_extract.masking import MaskedTrunk, maskable
 from spp_extract.pooling import spatial_pyramid_pool
 from spp_extract.records import RowMeta

@@ -240,7 +240,7 @@ def test_interrupted_run_leaves_a_partial_output_marked_incomplete(tmp_path, fol
     data = read_features(out)
     assert data.complete is False and 0 < len(data.paths) < 14
     assert not np.isnan(data.features).any()
-    from spp_extract.reader import summary
+    from spp_extract.inspection import summary
 
     assert any("INCOMPLETE" in line for line in summary(out))
     assert _cli("none", folder, "-o", out, "--resume").returncode == 0

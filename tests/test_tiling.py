@@ -173,8 +173,8 @@ def _rows(path):  # noqa: ANN001, ANN202
 @pytest.mark.slow
 def test_image_over_max_memory_is_tiled_and_equals_the_untiled_row(tmp_path):
     from spp_extract import extract
+    from spp_extract.inspection import summary
     from spp_extract.memory import memory_model
-    from spp_extract.reader import summary
 
     inputs = _images(tmp_path / "in", {"big": (300, 410), "small": (60, 70)})
     config = Config(backbone="vgg11", weights="none", workers=0)

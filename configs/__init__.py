@@ -1,0 +1,1 @@
+"""The shipped configurations (TOML), installed as package data: `--config NAME` finds them."""
