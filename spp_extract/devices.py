@@ -58,9 +58,16 @@ def resolve_device(config: Config, ctx: Dist) -> torch.device:
             raise ConfigError(
                 f"device {name!r} requested but CUDA is not available; use {option('device', 'cpu')}"
             )
+        count = torch.cuda.device_count()
         if name == "cuda":
+            if ctx.active and ctx.local_rank >= count:
+                raise ConfigError(
+                    f"this machine has {count} CUDA device(s) but torchrun started "
+                    f"{ctx.local_world} ranks on it; use --nproc-per-node={count} "
+                    "(one rank per GPU: NCCL cannot share a device between ranks)"
+                )
             name = f"cuda:{ctx.local_rank if ctx.active else 0}"
-        if int(name.split(":")[1]) >= torch.cuda.device_count():
+        if int(name.split(":")[1]) >= count:
             raise ConfigError(
                 f"device {name!r} does not exist; {torch.cuda.device_count()} CUDA devices"
             )

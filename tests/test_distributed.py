@@ -203,3 +203,20 @@ def test_a_model_error_on_one_rank_ends_every_rank_with_one_line(tmp_path, input
     assert len(lines) == 1 and "w.pt" in lines[0] and "does not exist" in lines[0], err1
     assert err0.strip() == ""  # rank 1 reports it
     assert not out.exists()
+
+
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+def test_more_ranks_than_gpus_is_one_line_naming_nproc(monkeypatch, device):
+    """Two ranks on a 1-GPU machine: NCCL cannot share a device, so the run refuses up front
+    (seen on an H200: 'device cuda:1 does not exist' said nothing of torchrun)."""
+    import torch
+
+    from spp_extract import Config
+    from spp_extract.devices import Dist, resolve_device
+    from spp_extract.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device(Config(device=device), Dist(0, 2, 0, 2)) == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match=r"2 ranks on it; use --nproc-per-node=1"):
+        resolve_device(Config(device=device), Dist(1, 2, 1, 2))
