@@ -167,7 +167,11 @@ def _weights(
         mean, std = known.weights[short]["mean"], known.weights[short]["std"]
     else:
         path = Path(config.weights)
-        if not path.is_file():
+        try:
+            is_file = path.is_file()
+        except OSError:  # a name too long for a path, say
+            is_file = False
+        if not is_file:
             options = ", ".join(["DEFAULT", *known.weights])
             raise ConfigError(
                 f"weights {config.weights!r} is neither a file nor a weights name for "

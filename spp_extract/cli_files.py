@@ -177,41 +177,111 @@ def neighbors(
             "from anywhere (default: as stored, relative to it).",
         ),
     ] = False,
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            "--against",
+            help="Search the rows of this collection (a comparable spp-extract file) instead "
+            "of SOURCE's own rows.",
+            show_default=False,
+            metavar="COLLECTION",
+        ),
+    ] = None,
+    index: Annotated[
+        str,
+        typer.Option(
+            "--index",
+            help="exact; approx (FAISS HNSW, recall measured and printed); auto (exact up to "
+            "200,000 rows).",
+            metavar="exact|approx|auto",
+        ),
+    ] = "auto",
+    save_index: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-index",
+            help="Save the collection's index here, to search it again with --index-file.",
+            show_default=False,
+            metavar="FILE",
+        ),
+    ] = None,
+    index_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--index-file",
+            help="Search with an index saved by --save-index (not rebuilt).",
+            show_default=False,
+            metavar="FILE",
+        ),
+    ] = None,
+    groups: Annotated[
+        Path | None,
+        typer.Option(
+            "--groups",
+            help="CSV of near-duplicate groups (rows linked at >= --threshold), one line per "
+            "member, with the group's representative (the largest image).",
+            show_default=False,
+            metavar="FILE",
+        ),
+    ] = None,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html",
+            help="A self-contained page of thumbnails: the groups (or, with --against, each "
+            "row's neighbours).",
+            show_default=False,
+            metavar="FILE",
+        ),
+    ] = None,
     device: DeviceOption = "auto",
     overwrite: Overwrite = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Exact cosine top-k neighbours of every row, printed or written (-o); near-duplicate
-    pairs with --pairs; a histogram of nearest-neighbour similarities to choose --threshold."""
+    """Cosine top-k neighbours of every row (exact, or approximate with measured recall),
+    printed or written (-o), among SOURCE's rows or --against a collection; near-duplicate
+    pairs (--pairs), groups (--groups) and a page of thumbnails (--html); a histogram of
+    nearest-neighbour similarities to choose --threshold."""
     from .listing import FORMATS
 
     progress = ProgressBar(sys.stderr, enabled=not quiet)
     with reported(progress), stopped_by_signals():
-        if fmt is None and output is None and pairs is None:
+        if fmt is None and all(x is None for x in (output, pairs, groups, html, save_index)):
             fmt = "text"
         if fmt is not None and fmt not in FORMATS:
             raise ConfigError(f"format {fmt!r} is invalid; expected one of: {', '.join(FORMATS)}")
-        from .neighbors import find_neighbors, pairs_above
+        from .neighbors import find_neighbors, pairs_above, pairs_across
 
         found = find_neighbors(
             source,
             output,
             k,
+            against=against,
             pairs=pairs,
+            groups=groups,
+            html=html,
             threshold=threshold,
             absolute=absolute,
             overwrite=overwrite,
+            index=index,
+            index_file=index_file,
+            save_index=save_index,
             device=device,
             progress=progress,
         )
         progress.close()
         if fmt is not None:
-            _print_lists(source, found, fmt, absolute)
+            _print_lists(source, against, found, fmt, absolute)
     if not quiet:
-        written = [printable(str(p)) for p in (output, pairs) if p is not None]
-        count = f", {len(pairs_above(found, threshold)[0])} pairs >= {threshold}" if pairs else ""
+        written = [printable(str(p)) for p in (output, pairs, groups, html, save_index) if p]
+        linked = pairs_across(found, threshold) if against else pairs_above(found, threshold)
+        count = f", {len(linked[0])} pairs >= {threshold}" if pairs or groups else ""
+        if found.groups is not None:
+            members = sum(len(g.members) for g in found.groups)
+            count += f", {len(found.groups)} groups ({members} rows)"
         where = f" -> {', '.join(written)}" if written else ""
         typer.echo(f"{len(found.index)} rows, k = {k}{count}{where}", err=True)
+        typer.echo(f"  {_search_line(found)}", err=True)
         _similarity_histogram(found, threshold)
         if len(found.excluded):
             first = ", ".join(printable(p) for p in found.excluded_paths[:3])
@@ -222,16 +292,34 @@ def neighbors(
             )
 
 
-def _print_lists(source: Path, found: Any, fmt: str, absolute: bool) -> None:
+def _search_line(found: Any) -> str:
+    """How the search was done: engine, index, times, and for approximate search its
+    measured recall."""
+    how = f"{found.method} search ({found.engine}"
+    if found.settings.get("index_type"):
+        how += f" {found.settings['index_type']}"
+    how += f"): built in {found.build_seconds:.1f} s, searched in {found.search_seconds:.1f} s"
+    if found.recall is not None:
+        k = found.index.shape[1]
+        how += (
+            f"; recall@{k} {found.recall:.4f} against exact search on "
+            f"{found.recall_queries} queries"
+        )
+    return how
+
+
+def _print_lists(source: Path, against: Path | None, found: Any, fmt: str, absolute: bool) -> None:
     """The lists on stdout; a reader that stops early (``| head``) ends it quietly."""
     import h5py
 
     from .listing import PathNames, write_lists
 
     try:
-        with h5py.File(source, "r", locking=False) as f:
-            names = PathNames(f, absolute)
-            write_lists(sys.stdout, found, names, names, fmt)
+        with (
+            h5py.File(source, "r", locking=False) as f,
+            h5py.File(against or source, "r", locking=False) as g,
+        ):
+            write_lists(sys.stdout, found, PathNames(f, absolute), PathNames(g, absolute), fmt)
             sys.stdout.flush()
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -168,6 +168,20 @@ def _neighbors(path: Path, rows: int) -> list[str]:
                 f"{printable(str(attrs.get('source_file', '?')))}, k = {k}, "
                 f"{attrs.get('metric', 'cosine')} similarity"
             ]
+            if "against_file" in attrs:
+                lines.append(
+                    f"against: {printable(str(attrs['against_file']))} "
+                    f"({attrs.get('against_rows', '?')} rows)"
+                )
+            if "index" in attrs:
+                how = f"search: {attrs['index']} ({attrs.get('engine', '?')}"
+                how += f" {attrs['index_type']})" if "index_type" in attrs else ")"
+                if "recall_at_k" in attrs:
+                    how += (
+                        f", recall@{k} {float(attrs['recall_at_k']):.4f} measured on "
+                        f"{attrs.get('recall_queries', '?')} queries"
+                    )
+                lines.append(how)
             if len(excluded):
                 lines.append(f"excluded: {len(excluded)} rows (not finite): in no list")
             if kept.any():
@@ -187,7 +201,8 @@ def _neighbors(path: Path, rows: int) -> list[str]:
                 found = Neighbors(index[:shown], similarity[:shown], np.asarray(excluded))
                 text = io.StringIO()
                 names = PathNames(f)
-                write_lists(text, found, names, names)
+                other = PathNames(f["against"]) if "against" in f else names
+                write_lists(text, found, names, other)
                 lines += ["first rows:"] + [f"  {line}" for line in text.getvalue().splitlines()]
     except (KeyError, ValueError, TypeError, OSError) as exc:
         raise ConfigError(

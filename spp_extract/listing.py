@@ -27,7 +27,7 @@ class PathNames:
     for the rows asked only; ``absolute``: joined with the input root of each row (rows of a
     file written before roots were recorded keep their stored path)."""
 
-    def __init__(self, f: h5py.File, absolute: bool = False) -> None:
+    def __init__(self, f: h5py.File | h5py.Group, absolute: bool = False) -> None:
         self.paths = f["paths"]
         self.roots = list(f["roots"].asstr(errors="replace")[:]) if "roots" in f else []
         self.root = f["root"] if (absolute and "root" in f) else None

@@ -58,3 +58,11 @@ class Neighbors:
     # rows whose vectors are not finite: in no list, and with no list of their own
     excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     excluded_paths: list[str] = field(default_factory=list)
+    method: str = "exact"  # or "approx"
+    engine: str = "torch"  # or "faiss"
+    settings: dict[str, Any] = field(default_factory=dict)  # the index's (type, HNSW M, ...)
+    recall: float | None = None  # approx: recall@k against exact search on a sample
+    recall_queries: int = 0  # that sample's size
+    build_seconds: float = 0.0
+    search_seconds: float = 0.0
+    groups: list[Any] | None = None  # find_neighbors with groups or html: groups.Group list

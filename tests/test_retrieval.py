@@ -179,12 +179,15 @@ def tie_matrix(seed: int = 0) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("block_rows", [None, 37])
-def test_neighbors_match_brute_force(tmp_path, real_h5, block_rows):
+@pytest.mark.parametrize(
+    ("block_rows", "use_faiss"), [(None, False), (37, False), (None, True), (37, True)]
+)
+def test_neighbors_match_brute_force(tmp_path, real_h5, block_rows, use_faiss):
     x = tie_matrix()
     src = synthetic(tmp_path / "x.h5", x, real_h5)
     k = 6
-    found = neighbors(src, k, block_rows=block_rows)
+    found = neighbors(src, k, block_rows=block_rows, use_faiss=use_faiss)
+    assert found.engine == ("faiss" if use_faiss else "torch") and found.method == "exact"
     assert_brute_force(found, x, k)
     assert found.index.dtype == np.int64 and found.similarity.dtype == np.float32
     assert (np.diff(found.similarity, axis=1) <= 0).all()
@@ -197,8 +200,8 @@ def test_neighbors_match_brute_force(tmp_path, real_h5, block_rows):
 def test_neighbors_out_of_memory_budget_streams_the_same(tmp_path, real_h5):
     x = tie_matrix(seed=1)
     src = synthetic(tmp_path / "x.h5", x, real_h5)
-    cached = neighbors(src, 4, block_rows=64)
-    streamed = neighbors(src, 4, block_rows=64, memory_bytes=0)
+    cached = neighbors(src, 4, block_rows=64, use_faiss=False)
+    streamed = neighbors(src, 4, block_rows=64, memory_bytes=0)  # FAISS or not: torch streams
     np.testing.assert_array_equal(streamed.index, cached.index)
     np.testing.assert_array_equal(streamed.similarity, cached.similarity)
 
