@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import IO
 
 import numpy as np
+import torch
 
 from .listing import PathNames
 from .outputs import OutputFile
@@ -45,31 +46,28 @@ def connected(n: int, a: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
 def find_groups(opened: OutputFile, a: np.ndarray, b: np.ndarray) -> list[Group]:
     """Groups of ``opened``'s rows linked by the pairs (a, b); largest groups first (then by
     the representative's path). The representative is the member with the most pixels,
-    ties by path."""
+    ties by path. The grouped rows' sizes, paths and vectors are read once, together."""
     f = opened.file
-    paths = f["paths"]
-    groups = []
-    for members in connected(opened.rows, a, b):
-        sizes = f["image_size"][members] if "image_size" in f else np.ones((len(members), 2))
-        pixels = sizes[:, 0].astype(np.int64) * sizes[:, 1]
-        names = paths.asstr(errors="replace")[members]
-        rep = members[min(range(len(members)), key=lambda i: (-pixels[i], names[i]))]
-        vectors = {}
-        for at, block in opened.read_rows(members, 4096):
-            for i, v in zip(at.tolist(), block, strict=True):
-                vectors[int(members[i])] = v
-        x = l2_normalize(_tensor(np.stack([vectors[int(m)] for m in members])))
-        sims = (x @ x[list(members).index(rep)]).numpy()
-        order = sorted(range(len(members)), key=lambda i: (members[i] != rep, -sims[i], names[i]))
+    parts = connected(opened.rows, a, b)
+    rows = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    at = {int(r): i for i, r in enumerate(rows.tolist())}  # file row -> position in ``rows``
+    sizes = f["image_size"][rows] if "image_size" in f else np.ones((len(rows), 2))
+    pixels = sizes[:, 0].astype(np.int64) * sizes[:, 1]
+    names = f["paths"].asstr(errors="replace")[rows] if len(rows) else []
+    vectors = np.empty((len(rows), opened.dim), np.float32)
+    for where, block in opened.read_rows(rows, 4096):
+        vectors[where] = block
+    with torch.inference_mode():
+        x = l2_normalize(torch.from_numpy(vectors)).numpy()
+    groups, keys = [], []
+    for members in parts:
+        pos = [at[int(m)] for m in members]
+        rep = min(pos, key=lambda p: (-pixels[p], names[p]))
+        sims = x[pos] @ x[rep]
+        order = sorted(range(len(pos)), key=lambda i: (pos[i] != rep, -sims[i], names[pos[i]]))
         groups.append(Group(members[order], np.clip(sims[order], -1, 1).astype(np.float32)))
-    groups.sort(key=lambda g: (-len(g.members), str(paths.asstr(errors="replace")[g.members[0]])))
-    return groups
-
-
-def _tensor(x: np.ndarray):  # noqa: ANN202
-    import torch
-
-    return torch.from_numpy(x.astype(np.float32))
+        keys.append((-len(members), names[rep]))
+    return [g for _, g in sorted(zip(keys, groups, strict=True), key=lambda kg: kg[0])]
 
 
 def write_groups(

@@ -189,14 +189,14 @@ def _faiss_search(
     same = collection is None
     k_check(k, len(db.rows), base.rows, base.path, same)
     queries = db if same else load_database(opened, block_rows)
+    saved = index_file is not None or save_index is not None
+    source_id = engines.collection_id(base.file) if saved else ""  # reads every path: once
     if index_file is not None:
-        built = engines.load_index(index_file, base.path, engines.collection_id(base.file))
+        built = engines.load_index(index_file, base.path, source_id)
     else:
         built = engines.build(db, method)
     if save_index is not None:
-        engines.save_index(
-            built, save_index, base.path, engines.collection_id(base.file), base.rows
-        )
+        engines.save_index(built, save_index, base.path, source_id, base.rows)
     started = time.perf_counter()
     positions = np.arange(len(db.rows)) if same else None
     step = block_step(base, block_rows)
