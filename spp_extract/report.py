@@ -40,12 +40,14 @@ _SCRIPT = """
 addEventListener('load', () => {
   const imgs = [...document.images];
   const bad = imgs.filter(i => !i.complete || i.naturalWidth === 0);
+  const missing = document.querySelectorAll('.missing').length;
   bad.forEach(i => i.closest('figure').classList.add('broken'));
   document.body.dataset.thumbnails = imgs.length;
   document.body.dataset.decoded = imgs.length - bad.length;
   document.getElementById('status').textContent =
     `${imgs.length - bad.length} of ${imgs.length} thumbnails shown` +
-    (bad.length ? ` (${bad.length} could not be decoded, outlined in red)` : '');
+    (bad.length ? ` (${bad.length} could not be decoded, outlined in red)` : '') +
+    (missing ? `; ${missing} originals could not be read` : '');
 });
 """
 

@@ -293,3 +293,20 @@ def test_against_a_collection_finds_each_copys_original_and_the_pages_open(tmp_p
     headings = re.findall(r"<h2>group (\d+) · (\d+) images", dom)
     assert [int(n) for _, n in headings] == sorted(sizes.values(), reverse=True)
     assert [int(g) for g, _ in headings] == list(range(1, len(sizes) + 1))
+
+
+def test_page_counts_originals_that_cannot_be_read(tmp_path, example_dir):
+    """A file moved or deleted since extraction is a labelled placeholder, counted at the top."""
+    import io
+
+    from spp_extract.report import write_page
+
+    page = tmp_path / "p.html"
+    text = io.StringIO()
+    items = [(str(example_dir / "landscape.jpg"), "landscape.jpg", "kept")]
+    items.append((str(tmp_path / "gone.jpg"), "gone.jpg", "0.99"))
+    assert write_page(text, "t", [("group 1 · 2 images", items)], 1, "groups") == 2
+    page.write_text(text.getvalue())
+    dom = _dom(page)
+    assert 'data-decoded="1"' in dom and "not readable" in dom
+    assert "1 of 1 thumbnails shown; 1 originals could not be read" in dom
