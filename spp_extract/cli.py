@@ -179,9 +179,9 @@ def _given(ctx: typer.Context) -> tuple[list[tuple[str, Any]], list[str]]:
 def extract(
     ctx: typer.Context,
     inputs: Annotated[
-        list[Path] | None,
+        list[str] | None,
         typer.Argument(
-            help="Image files and folders (walked recursively).",
+            help="Image files, folders (walked recursively), tar shards, URLs (https://, s3://, gs://: the [remote] extra).",
             show_default=False,
             metavar="INPUT",
         ),
@@ -192,7 +192,19 @@ def extract(
     cfg: Config | None = None,
     files_from: Annotated[
         Path | None,
-        typer.Option(help="File with one image path per line.", show_default=False, metavar="FILE"),
+        typer.Option(
+            help="File with one image path or URL per line, or a .csv/.tsv/.parquet table (see --column).",
+            show_default=False,
+            metavar="FILE",
+        ),
+    ] = None,
+    column: Annotated[
+        str | None,
+        typer.Option(
+            help="The column of a --files-from table that holds the URLs or paths [default: url].",
+            show_default=False,
+            metavar="NAME",
+        ),
     ] = None,
     resume: Annotated[
         bool,
@@ -251,6 +263,7 @@ def extract(
                 config=cfg,
                 mode=mode,
                 files_from=files_from,
+                column=column,
                 retry_failed=retry_failed,
                 project=project,
                 progress=progress,

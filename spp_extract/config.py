@@ -167,6 +167,13 @@ class Config:
         parse=rules.parse_float,
         metavar="SECONDS",
     )
+    fetch_timeout: float = key(
+        30.0,
+        help="Seconds one remote read (a URL, a remote tar's range) may take; each is tried 3 times.",
+        check=rules.seconds,
+        parse=rules.parse_float,
+        metavar="SECONDS",
+    )
     commit_seconds: float = key(
         30.0,
         help="Finished work is committed to a shard at least this often (seconds).",
@@ -246,7 +253,11 @@ def _normalise(name: str, value: Any) -> Any:
     """Lists (TOML arrays) become tuples; ints are accepted where floats are expected."""
     if isinstance(value, list):
         value = tuple(value)
-    if name in ("decode_timeout", "commit_seconds") and rules.is_int(value) and abs(value) < 2**53:
+    if (
+        name in ("decode_timeout", "fetch_timeout", "commit_seconds")
+        and rules.is_int(value)
+        and abs(value) < 2**53
+    ):
         return float(value)
     return value
 

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from . import images
+from . import images, sources
 from .config import Config, pixel_limit
-from .discovery import ImageRef, file_stat
+from .discovery import ImageRef
 from .errors import ImageError, printable
 from .isolation import Died, TimedOut, call_isolated
 from .records import RowMeta
@@ -32,18 +32,51 @@ class Item:
     window: int = -1  # the planned window (shard) it belongs to
 
 
-def decode_item(ref: ImageRef, index: int, min_side: int, config: Config, window: int = -1) -> Item:
-    item = _decode_item(ref, index, min_side, config)
+# What was read ahead for an image (``sources.load``), or why it could not be; None: nothing.
+Loaded = str | sources.Blob | ImageError | None
+
+
+def decode_item(
+    ref: ImageRef,
+    index: int,
+    min_side: int,
+    config: Config,
+    window: int = -1,
+    loaded: Loaded = None,
+) -> Item:
+    item = _decode_item(ref, index, min_side, config, loaded)
     item.window = window
     return item
 
 
-def _decode_item(ref: ImageRef, index: int, min_side: int, config: Config) -> Item:
-    if ref.problem is not None:  # a folder that could not be listed: nothing to open
+def load_all(refs: Sequence[ImageRef], config: Config, header: bool = False) -> list[Loaded]:
+    """Remote images' bytes read ahead together (their reads wait on the network, not the
+    CPU); None for the others, which are read when decoded."""
+    if not any(r.remote and r.problem is None for r in refs):
+        return [None] * len(refs)
+
+    def read(ref: ImageRef) -> Loaded:
+        if not ref.remote or ref.problem is not None:
+            return None
+        try:
+            return sources.load(ref, config.fetch_timeout, header=header)
+        except ImageError as exc:
+            return exc
+
+    return sources.concurrently(read, refs)
+
+
+def _decode_item(
+    ref: ImageRef, index: int, min_side: int, config: Config, loaded: Loaded = None
+) -> Item:
+    if ref.problem is not None:  # a folder that could not be listed, a damaged tar
         return failure(ref, index, *ref.problem)
     try:
+        source = sources.load(ref, config.fetch_timeout) if loaded is None else loaded
+        if isinstance(source, ImageError):
+            raise source
         decoded = images.decode(
-            ref.path, max_pixels=pixel_limit(config), allow_truncated=config.allow_truncated
+            source, max_pixels=pixel_limit(config), allow_truncated=config.allow_truncated
         )
     except ImageError as exc:
         return failure(ref, index, exc.kind, exc.message)
@@ -75,6 +108,14 @@ class DecodeDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Item:
         window, index = key
         return decode_item(self.refs[index], index, self.min_side, self.config, window)
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Item]:
+        """A batch: remote images fetched together, then each decoded."""
+        loaded = load_all([self.refs[i] for _, i in keys], self.config)
+        return [
+            decode_item(self.refs[i], i, self.min_side, self.config, window, ahead)
+            for (window, i), ahead in zip(keys, loaded, strict=True)
+        ]
 
 
 @dataclass
@@ -157,7 +198,7 @@ def _isolated(ref: ImageRef, index: int, min_side: int, config: Config) -> Item:
 
 def failure(ref: ImageRef, index: int, kind: str, message: str) -> Item:
     """A failure record, with the file's stat so that a resume knows if it changed since."""
-    size, mtime = file_stat(ref.path)
+    size, mtime = ref.stat() or (-1, -1)
     meta = RowMeta(error_class=kind, error=printable(message), file_size=size, mtime_ns=mtime)
     return Item(index, None, meta)
 
@@ -169,26 +210,46 @@ def own_generator() -> torch.Generator:
 
 
 class _Headers(Dataset):
-    def __init__(self, refs: Sequence[ImageRef]) -> None:
+    def __init__(self, refs: Sequence[ImageRef], config: Config) -> None:
         self.refs = refs
+        self.config = config
 
     def __len__(self) -> int:
         return len(self.refs)
 
     def __getitem__(self, index: int) -> tuple[int, int] | None:
-        return header_size(self.refs[index])
+        return header_size(self.refs[index], self.config)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, int] | None]:
+        return header_sizes([self.refs[i] for i in indices], self.config)
 
 
-def header_size(ref: ImageRef) -> tuple[int, int] | None:
-    """The displayed size from the header; None for a folder that could not be listed."""
-    return None if ref.problem is not None else images.read_size(ref.path)
+def header_size(ref: ImageRef, config: Config, loaded: Loaded = None) -> tuple[int, int] | None:
+    """The displayed size from the header (a tar member's or URL's first HEADER_BYTES); None
+    for a folder that could not be listed, or a header that cannot be read (decoding will
+    record why)."""
+    if ref.problem is not None or isinstance(loaded, ImageError):
+        return None
+    try:
+        source = loaded or sources.load(ref, config.fetch_timeout, header=True)
+    except ImageError:
+        return None
+    return images.read_size(source)
 
 
-def read_sizes(refs: Sequence[ImageRef], workers: int) -> list[tuple[int, int] | None]:
+def header_sizes(refs: Sequence[ImageRef], config: Config) -> list[tuple[int, int] | None]:
+    loaded = load_all(refs, config, header=True)
+    return [header_size(r, config, ahead) for r, ahead in zip(refs, loaded, strict=True)]
+
+
+def read_sizes(
+    refs: Sequence[ImageRef], workers: int, config: Config | None = None
+) -> list[tuple[int, int] | None]:
+    config = config or Config()
     if workers == 0 or len(refs) < 64:
-        return [header_size(r) for r in refs]
+        return header_sizes(refs, config)
     loader = DataLoader(
-        _Headers(refs),
+        _Headers(refs, config),
         batch_size=64,
         num_workers=workers,
         collate_fn=list,

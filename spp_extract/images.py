@@ -21,7 +21,6 @@ import functools
 import io
 import logging
 import os
-import stat
 import struct
 import threading
 import warnings
@@ -36,6 +35,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from . import isolation
 from .errors import ImageError
+from .sources import Blob, open_file
 
 log = logging.getLogger(__name__)
 
@@ -46,40 +46,11 @@ BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 _ORIENTATION = 0x0112
 
 
-_NOT_REGULAR = {
-    stat.S_IFDIR: "a directory",
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFSOCK: "a socket",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-}
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-
-
-def _check_regular(st: os.stat_result) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        what = _NOT_REGULAR.get(stat.S_IFMT(st.st_mode), "not a regular file")
-        raise ImageError("not_a_file", f"not a regular file ({what})")
-
-
 @functools.cache
 def _formats() -> list[str]:
     """FORMATS this Pillow can open (a build without libwebp has no WEBP opener)."""
     Image.init()
     return [name for name in FORMATS if name in Image.OPEN]
-
-
-def _open_file(path: str) -> BinaryIO:
-    """Open a regular file for reading. Anything else (FIFO, socket, device, directory) raises
-    ImageError("not_a_file") without being opened for reading: a FIFO would block forever."""
-    _check_regular(os.stat(path))
-    fd = os.open(path, _OPEN_FLAGS)  # non-blocking: it may have been replaced by a FIFO since
-    try:
-        _check_regular(os.fstat(fd))
-    except BaseException:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "rb")
 
 
 _TRANSPOSE = {
@@ -120,12 +91,12 @@ def orientation(img: Image.Image) -> int:
     return value if type(value) is int and 1 <= value <= 8 else 1
 
 
-def read_size(path: str) -> tuple[int, int] | None:
-    """(height, width) as displayed (EXIF orientation applied), from the header only.
-    None when the header cannot be read (or ``path`` is not a regular file); decoding will then
-    record why."""
+def read_size(source: str | Blob) -> tuple[int, int] | None:
+    """(height, width) as displayed (EXIF orientation applied), from the header only, of a
+    file or of bytes (a header's worth is enough). None when the header cannot be read (or
+    ``source`` is not a regular file); decoding will then record why."""
     try:
-        with _open_file(path) as fh, _settings(truncated=False):
+        with _opened(source) as fh, _settings(truncated=False):
             with Image.open(fh, formats=_formats()) as img:
                 width, height = img.size
                 if orientation(img) in (5, 6, 7, 8):
@@ -267,8 +238,14 @@ def _load(fh: BinaryIO, max_pixels: int) -> tuple[Image.Image, str, int]:
     return img, mode, turn
 
 
-def decode(path: str, *, max_pixels: int, allow_truncated: bool = False) -> Decoded:
-    """Decode ``path`` at native size. Raises ImageError; never returns a substitute."""
+def _opened(source: str | Blob) -> BinaryIO:
+    return io.BytesIO(source.data) if isinstance(source, Blob) else open_file(source)
+
+
+def decode(source: str | Blob, *, max_pixels: int, allow_truncated: bool = False) -> Decoded:
+    """Decode ``source`` (a file's path, or bytes read from a tar or a URL) at native size.
+    Raises ImageError; never returns a substitute."""
+    path = source
     try:
         array, mode, truncated, size, mtime = _decode(path, max_pixels, allow_truncated)
     except _NeedsSettings:
@@ -289,14 +266,18 @@ _ISOLATED_SECONDS = 3600.0
 
 
 def _decode(
-    path: str, max_pixels: int, allow_truncated: bool
+    path: str | Blob, max_pixels: int, allow_truncated: bool
 ) -> tuple[np.ndarray, str, bool, int, int]:
     """``decode`` as plain data: (pixels ``ndarray[H, W, 3]`` uint8, mode, truncated, file
     size, modification time)."""
     try:
-        with _open_file(path) as fh:
-            st = os.fstat(fh.fileno())
-            if st.st_size == 0:
+        with _opened(path) as fh:
+            if isinstance(path, Blob):
+                length, size, mtime = len(path.data), path.size, path.mtime_ns
+            else:
+                st = os.fstat(fh.fileno())
+                length, size, mtime = st.st_size, st.st_size, st.st_mtime_ns
+            if length == 0:
                 raise ImageError("empty_file", "file is empty (0 bytes)")
             truncated = False
             try:
@@ -319,11 +300,11 @@ def _decode(
                 if turn in _TRANSPOSE:
                     rgb = rgb.transpose(_TRANSPOSE[turn])
                 array = np.asarray(rgb, dtype=np.uint8)  # (H, W, 3), one copy, read-only
-            return array, mode, truncated, st.st_size, st.st_mtime_ns
+            return array, mode, truncated, size, mtime
     except ImageError:
         raise
     except FileNotFoundError:
-        if os.path.islink(path):
+        if isinstance(path, str) and os.path.islink(path):
             raise ImageError(
                 "dangling_symlink", f"symlink target missing: {os.readlink(path)}"
             ) from None

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Iterator
 from typing import IO
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from .errors import printable
 from .records import Neighbors
+from .sources import locate
 
 FORMATS = ("text", "csv", "jsonl")
 BLOCK = 4096  # rows of lists written at a time: paths are read for one block only
@@ -41,7 +41,7 @@ class PathNames:
         if self.root is not None:
             roots = self.root[unique]
             paths = [
-                os.path.join(self.roots[r], p) if 0 <= r < len(self.roots) else p
+                locate(self.roots[r], p) if 0 <= r < len(self.roots) else p
                 for r, p in zip(roots.tolist(), paths, strict=True)
             ]
         return {int(r): printable(str(p)) for r, p in zip(unique.tolist(), paths, strict=True)}

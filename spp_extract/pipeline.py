@@ -79,13 +79,16 @@ def extract(
     config: Config | None = None,
     mode: RunMode = "new",
     files_from: str | os.PathLike[str] | None = None,
+    column: str | None = None,
     retry_failed: bool = False,
     project: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> Result:
     """Extract one SPP vector per image into the HDF5 file ``output``.
 
-    ``inputs``: a folder or file, or a list of them. ``mode``: ``"new"`` (refused if the
+    ``inputs``: a folder, file, tar or URL, or a list of them; ``files_from``: a list of
+    them (one per line) or a .csv/.tsv/.parquet table whose ``column`` (``url`` if None)
+    holds them. ``mode``: ``"new"`` (refused if the
     output exists), ``"resume"`` (continue it, or start) or ``"overwrite"`` (replace it once
     the new run has finished). ``project``: a file written by ``reduce``; ``output`` then holds
     the vectors projected by its transform, the full ones going to ``<output>.full.h5``.
@@ -104,6 +107,7 @@ def extract(
             config=config or Config(),
             mode=mode,
             files_from=files_from,
+            column=column,
             retry_failed=retry_failed,
             project=None if project is None else Path(project),
             progress=progress,
@@ -117,6 +121,7 @@ def _extract(
     config: Config,
     mode: RunMode,
     files_from: str | os.PathLike[str] | None,
+    column: str | None,
     retry_failed: bool,
     project: Path | None,
     progress: Progress | None,
@@ -141,7 +146,9 @@ def _extract(
         resumable = Provenance.of_run(config, resolved)  # what a resume must match
         setup = on_rank0(
             ctx,
-            lambda: rundir.setup(inputs, output, files_from, config, resumable, lock, mode),
+            lambda: rundir.setup(
+                inputs, output, (files_from, column), config, resumable, lock, mode
+            ),
         )
         # Loads weights (may still raise ConfigError) and sizes memory, on every rank.
         trunk, runtime = on_every_rank(
@@ -267,7 +274,7 @@ def _share(
     stages built, then the loop. Returns (images computed, their failures)."""
     ctx = runtime.dist
     todo = on_rank0(ctx, lambda: rundir.left_to_do(refs, run_dir, retry_failed))
-    sizes = _header_sizes([refs[i] for i in todo], runtime)
+    sizes = _header_sizes([refs[i] for i in todo], runtime, config)
     cuts = partition(sizes, ctx.world)
     lo, hi = cuts[ctx.rank], cuts[ctx.rank + 1]
     work = [refs[i] for i in todo[lo:hi]]
@@ -346,10 +353,12 @@ def _loop(
         sink.close()
 
 
-def _header_sizes(refs: Sequence[ImageRef], runtime: Runtime) -> list[tuple[int, int] | None]:
+def _header_sizes(
+    refs: Sequence[ImageRef], runtime: Runtime, config: Config
+) -> list[tuple[int, int] | None]:
     """Each image's size from its header: each rank reads a strided share, all get all."""
     ctx = runtime.dist
-    parts = gathered(ctx, lambda: read_sizes(refs[ctx.rank :: ctx.world], runtime.workers))
+    parts = gathered(ctx, lambda: read_sizes(refs[ctx.rank :: ctx.world], runtime.workers, config))
     sizes: list[Any] = [None] * len(refs)
     for rank, part in enumerate(parts):
         sizes[rank :: ctx.world] = part

@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from .outputs import OutputFile, open_output
+from .sources import is_url, locate
 
 
 @dataclass
@@ -27,12 +28,13 @@ class Features:
     complete: bool  # False: written by an interrupted run, rows so far only (resume it)
     roots: list[str] = field(default_factory=list)  # the input roots the rows came from
     root: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # (N,), -1: unknown
+    failed_classes: list[str] = field(default_factory=list)  # "corrupt", "not_found", ...
 
     def absolute_paths(self) -> list[str | None]:
-        """Each row's file where it was read: its input root joined with its path (None for
-        rows written before roots were recorded)."""
+        """Each row's file where it was read: its input root joined with its path, or its URL
+        (None for rows written before roots were recorded)."""
         return [
-            os.path.join(self.roots[r], p) if 0 <= r < len(self.roots) else None
+            locate(self.roots[r], p) if 0 <= r < len(self.roots) else (p if is_url(p) else None)
             for r, p in zip(self.root.tolist(), self.paths, strict=True)
         ]
 
@@ -116,6 +118,7 @@ def read_features(path: str | os.PathLike[str], rows: RowSelection | None = None
             complete=bool(f.attrs.get("complete", True)),
             roots=list(f["roots"].asstr(errors="replace")[:]) if "roots" in f else [],
             root=root,
+            failed_classes=list(f["failed/error_class"].asstr(errors="replace")[:]),
         )
 
 

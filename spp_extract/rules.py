@@ -18,7 +18,7 @@ NONE = "none"
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,4})?)$")
 # Bounds: beyond them a value is a typo or an attack, never a plan (and would fail mid-run).
 MAX_LEVEL, MAX_LEVELS = 16, 8  # 8 levels of up to 16 x 16 bins: <= 1,496 bins per channel
-MAX_SECONDS = 7 * 24 * 3600.0  # decode_timeout, commit_seconds: at most one week
+MAX_SECONDS = 7 * 24 * 3600.0  # decode_timeout, fetch_timeout, commit_seconds: one week
 MAX_PIXELS = 2**40  # max_pixels, batch_pixels (about 10^12)
 MAX_BATCH, MAX_WORKERS = 65_536, 1024
 MEAN_RANGE, STD_RANGE = (-1000.0, 1000.0), (1e-6, 1000.0)  # pixels are in [0, 1]

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import Config, to_toml
-from .discovery import IMAGE_EXTENSIONS, ImageRef, file_stat, find_images
+from .discovery import IMAGE_EXTENSIONS, ImageRef, find_images
 from .errors import ConfigError, OutputError, option, printable
 from .outputs import identify
 from .provenance import Provenance, Resolved, resolved_config
 from .shards import next_attempt, read_state, remove_partial
+from .sources import is_compressed_tar, is_tar
 from .storage import remove_stale_tmp, shards_root
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ class Setup:
 def setup(
     inputs: Sequence[str | os.PathLike[str]],
     output: Path,
-    files_from: str | os.PathLike[str] | None,
+    listed: tuple[str | os.PathLike[str] | None, str | None],
     config: Config,
     provenance: Provenance,
     lock: OutputLock | None,
@@ -233,7 +234,14 @@ def setup(
     check_output_name(output)
     lock.acquire()
     existed = check_existing(output, mode)
-    found = find_images(inputs, files_from=files_from, follow_symlinks=config.follow_symlinks)
+    files_from, column = listed  # a --files-from list or table, and the table's column
+    found = find_images(
+        inputs,
+        files_from=files_from,
+        column=column,
+        follow_symlinks=config.follow_symlinks,
+        timeout=config.fetch_timeout,
+    )
     if not found.refs:
         raise ConfigError(
             "no images found in the inputs (looked for " + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"
@@ -265,15 +273,22 @@ def left_to_do(refs: Sequence[ImageRef], run_dir: Path, retry_failed: bool) -> l
     return [
         i
         for i, r in enumerate(refs)
-        if not state.done(r.key_bytes, r.source, *file_stat(r.path), retry_failed)
+        if not state.done(r.key_bytes, r.source, r.stat(), retry_failed)
     ]
 
 
 def unlisted(refs: Sequence[ImageRef]) -> list[bytes]:
-    """Path prefixes of folders that could not be listed: their earlier rows are kept. An
-    input folder that cannot be listed at all keeps every earlier row."""
+    """Path prefixes of folders that could not be listed and of tars that could not be read
+    to their end: their earlier rows are kept. An input folder that cannot be listed at all
+    keeps every earlier row."""
     return [
-        b"" if os.path.normpath(r.key) == os.path.normpath(r.path) else r.key_bytes + b"/"
+        b""
+        if os.path.normpath(r.key) == os.path.normpath(r.path) and not _archive(r.path)
+        else r.key_bytes + b"/"
         for r in refs
-        if r.problem
+        if r.problem and r.member is None
     ]
+
+
+def _archive(path: str) -> bool:
+    return is_tar(path) or is_compressed_tar(path)

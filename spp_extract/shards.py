@@ -335,13 +335,14 @@ class RunState:
     records: dict[bytes, Record] = field(default_factory=dict)
 
     def done(
-        self, key: bytes, source: bytes, file_size: int, mtime_ns: int, retry_failed: bool
+        self, key: bytes, source: bytes, stat: tuple[int, int] | None, retry_failed: bool
     ) -> bool:
-        """True if this image (the same file, unchanged since) already has a result that need
-        not be redone. Same stored path but another file (other input folders with the same
-        names, sizes and times, as after ``cp -p``) is redone."""
+        """True if this image (the same file, unchanged since: ``stat`` is its size and
+        modification time, None for a URL, which is not asked again) already has a result that
+        need not be redone. Same stored path but another file (other input folders with the
+        same names, sizes and times, as after ``cp -p``) is redone."""
         record = self.records.get(key)
-        if record is None or (record.file_size, record.mtime_ns) != (file_size, mtime_ns):
+        if record is None or (stat is not None and (record.file_size, record.mtime_ns) != stat):
             return False
         if record.source is not None and record.source != source:
             return False

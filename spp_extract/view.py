@@ -20,6 +20,7 @@ import numpy as np
 from .errors import OutputError, option, printable
 from .outputs import OutputFile, open_output
 from .shards import Record, read_state
+from .sources import is_url
 from .storage import (
     BYTES,
     ROW_FIELDS,
@@ -135,11 +136,12 @@ def _gather(
 
 
 def _root(key: bytes, record: Record) -> bytes | None:
-    """The input root a row came from: its absolute location less its stored path (None for
-    rows of shards written before locations were kept)."""
+    """The input root a row came from: its absolute location less its stored path (a folder,
+    a remote folder, the list or table that named a URL). None for rows of shards written
+    before locations were kept, and for URLs named directly."""
     source = record.source
-    if source is None:
-        return None
+    if source is None or (source == key and is_url(os.fsdecode(key))):
+        return None  # a URL named directly: it is whole
     if source.endswith(b"/" + key):
         return source[: -len(key) - 1] or b"/"
     return os.path.dirname(source) if source != key else b"/"

@@ -193,6 +193,7 @@ RUN_ONLY = {
     "inputs",
     "output",
     "files_from",
+    "column",
     "resume",
     "overwrite",
     "retry_failed",
