@@ -44,7 +44,14 @@ from .pooling import spp_dim
 from .provenance import Provenance, Resolved, resolved_config
 from .records import Failure, Outcome, Progress
 from .rundir import RunMode
-from .runtime import Runtime, gathered, on_every_rank, on_rank0, process_settings_restored
+from .runtime import (
+    Runtime,
+    batching_name,
+    gathered,
+    on_every_rank,
+    on_rank0,
+    process_settings_restored,
+)
 from .shards import ShardSink, list_shards, shard_name
 from .storage import remove_tree, run_attrs, shards_root
 from .view import assemble
@@ -250,7 +257,7 @@ def _attrs(
         torch_version=str(torch.__version__),
         torchvision_version=str(torchvision.__version__),
         device=runtime.device.type,
-        batching="padded" if runtime.padded else "same-size",
+        batching=batching_name(runtime),
         world_size=runtime.dist.world,
     )
 
@@ -282,6 +289,7 @@ def _share(
     planner = Planner(
         [None if s is None else (max(s[0], side), max(s[1], side)) for s in sizes[lo:hi]],
         padded=runtime.padded,
+        pad_pixels=runtime.pad_pixels,
         batch_size=runtime.batch_size,
         batch_pixels=runtime.batch_pixels,
         commit_seconds=config.commit_seconds,
@@ -296,7 +304,8 @@ def _share(
         side,
         config,
         workers=runtime.workers,
-        multiple=BUCKET if runtime.padded else 1,
+        # rounded up on a GPU (fewer shapes, fewer per-shape set-ups); a CPU computes exactly
+        multiple=BUCKET if runtime.padded and runtime.device.type == "cuda" else 1,
         pin_memory=runtime.device.type == "cuda",
         caught=caught,
     )

@@ -38,7 +38,8 @@ class Planner:
     ``commit_seconds`` however image sizes vary along the list. The first window is small
     (twice the batch size) so that the first commit comes soon. Within a window, images are
     grouped by size: identical sizes only (``padded=False``) or into 64-px buckets padded to
-    their largest member (``padded=True``).
+    their largest member (``padded=True``; with ``pad_pixels``, only the images up to that
+    many pixels: larger ones batch with their own size).
     """
 
     def __init__(
@@ -46,12 +47,14 @@ class Planner:
         sizes: Sequence[tuple[int, int] | None],
         *,
         padded: bool,
+        pad_pixels: int | None = None,
         batch_size: int,
         batch_pixels: int,
         commit_seconds: float,
     ) -> None:
         self.sizes = sizes
         self.padded = padded
+        self.pad_pixels = pad_pixels  # padded: only images up to this size (None: all)
         self.batch_size = batch_size
         self.batch_pixels = batch_pixels
         self.commit_seconds = commit_seconds
@@ -86,9 +89,11 @@ class Planner:
         known = [i for i in range(start, stop) if self.sizes[i] is not None]
         unknown = [[i] for i in range(start, stop) if self.sizes[i] is None]
 
-        def group(i: int) -> tuple[int, int]:
+        def group(i: int) -> tuple[int, int, bool]:
             h, w = self.sizes[i]  # type: ignore[misc]
-            return (math.ceil(h / BUCKET), math.ceil(w / BUCKET)) if self.padded else (h, w)
+            if self.padded and (self.pad_pixels is None or h * w <= self.pad_pixels):
+                return math.ceil(h / BUCKET), math.ceil(w / BUCKET), True
+            return h, w, False
 
         known.sort(key=lambda i: (group(i), self.sizes[i], i))
         batches: list[list[int]] = []

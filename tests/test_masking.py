@@ -113,6 +113,33 @@ def test_masked_padded_batch_equals_each_image_alone(backbone):
         )
 
 
+@pytest.mark.parametrize("backbone", _by_maskable(True))
+def test_sizes_found_without_shape_keeping_modules_are_the_full_traces(backbone):
+    """The masks' sizes come from a meta copy without BatchNorm, LayerNorm and activations
+    (fast); they equal a trace of the whole trunk at every conv and pool."""
+    from spp_extract.masking import _mixes_positions, meta_copy
+
+    masked = MaskedTrunk(_trunk(backbone).module)
+    full = meta_copy(_trunk(backbone).module)
+    points = [m for m in full.modules() if _mixes_positions(m)]
+    side = _trunk(backbone).min_side  # the smallest input the trunk is given
+    for size in [(side, side), (side + 1, side + 14), (side + 31, 200), (255, side + 64)]:
+        seen: list[tuple[int, ...]] = []
+        hooks = [
+            m.register_forward_hook(
+                lambda _m, a, o, seen=seen: seen.extend(
+                    [tuple(a[0].shape[-2:]), tuple(o.shape[-2:])]
+                )
+            )
+            for m in points
+        ]
+        out = full(torch.empty(1, 3, *size, device="meta"))
+        for hook in hooks:
+            hook.remove()
+        rows, cols = masked.sizes(size)
+        assert list(zip(rows, cols, strict=True)) == [*seen, tuple(out.shape[-2:])]
+
+
 @pytest.mark.parametrize("backbone", _by_maskable(False))
 def test_families_not_maskable_refuse_masked_padding(backbone):
     trunk = _trunk(backbone)

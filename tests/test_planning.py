@@ -88,3 +88,31 @@ def test_partition_is_contiguous_balanced_and_complete():
     assert cuts[1] > 50  # the many small images go together; the big ones are spread
     assert partition([], 3) == [0, 0, 0, 0]
     assert partition([(5, 5)], 3)[-1] == 1
+
+
+def test_padding_only_for_small_images_when_asked():
+    """``auto`` on a CPU: images up to ``pad_pixels`` share 64-px buckets, larger ones batch
+    with their own size only."""
+    rng = random.Random(1)
+    small = [(rng.randint(32, 256), rng.randint(32, 256)) for _ in range(60)]
+    large = [(500, 375)] * 3 + [(rng.randint(400, 900), rng.randint(400, 900)) for _ in range(20)]
+    sizes = small + large
+    limit = 384 * 384
+    planner = Planner(
+        sizes,
+        padded=True,
+        pad_pixels=limit,
+        batch_size=32,
+        batch_pixels=8 * 512 * 512,
+        commit_seconds=1e9,
+    )
+    batches = [p.indices for p in planner]
+    assert sorted(i for b in batches for i in b) == list(range(len(sizes)))
+    for batch in batches:
+        members = {sizes[i] for i in batch}
+        if any(h * w > limit for h, w in members):
+            assert len(members) == 1  # a large image only with its own size
+        else:
+            assert len({(math.ceil(h / BUCKET), math.ceil(w / BUCKET)) for h, w in members}) == 1
+    assert any(len({sizes[i] for i in b}) > 1 for b in batches)  # small ones really mixed
+    assert [b for b in batches if sizes[b[0]] == (500, 375)] == [[60, 61, 62]]
