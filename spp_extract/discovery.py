@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ~150 bytes less per image (1M images: 150 MB)
 class ImageRef:
     """One input image. ``key`` is the stored path: relative to the input directory it was
     found under, or as given for files named directly; a tar member's is the tar's followed by

@@ -96,7 +96,7 @@ def _inputs(f: h5py.File) -> list[str]:
         return []
     roots = f["roots"].asstr(errors="replace")[:]
     counts = np.bincount(f["root"][:].clip(-1) + 1, minlength=len(roots) + 1)
-    lines = ["inputs (rows from each; a row's file is its root joined with its path):"]
+    lines = ["inputs (rows from each; a row's file is its root joined with its path, or its URL):"]
     lines += [f"  {printable(r)}  ({c} rows)" for r, c in zip(roots, counts[1:], strict=True)]
     if counts[0]:
         lines.append(f"  (unknown root: {counts[0]} rows)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import signal
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -82,6 +83,42 @@ class Replay:
         return self._pending.popleft() if self._pending else None
 
 
+_END = object()
+
+
+def _ahead(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """``batches``, made by a thread up to ``depth`` ahead of the consumer; its exception is
+    raised here, in order. Closing this iterator stops the thread after its current batch."""
+    ready: queue.Queue[Any] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        ready.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            ready.put(exc)
+
+    thread = threading.Thread(target=produce, name="spp-extract-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 class DecodeLoader:
     """The ``planned`` batches of ``refs``, decoded by ``workers`` processes (0: in this
     process), in order; iterate it once. A worker that crashes or hangs (``decode_timeout``)
@@ -108,6 +145,13 @@ class DecodeLoader:
         self.watch = workers > 0 and threading.current_thread() is threading.main_thread()
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.workers == 0 and any(r.remote for r in self.refs):
+            # no decode process (a machine of two cores): remote reads wait on the network,
+            # so a thread reads and decodes the next batches while this one computes
+            return _ahead(self._batches(), PREFETCH)
+        return self._batches()
+
+    def _batches(self) -> Iterator[Batch]:
         self._torch_handler: Any = None  # what torch installed for SIGCHLD (once per process)
         try:
             while True:

@@ -20,6 +20,7 @@ from .groups import Group
 from .listing import PathNames
 from .outputs import OutputFile
 from .records import Neighbors
+from .sources import is_url, read_location
 
 THUMB = 160  # px, longest side
 GROUP_LIMIT = 1000  # groups (or queries) shown; the rest are counted on the page
@@ -53,13 +54,14 @@ addEventListener('load', () => {
 
 
 def thumbnail(path: str) -> str | None:
-    """A data URI of a JPEG thumbnail of the image at ``path``, or None if it cannot be read."""
+    """A data URI of a JPEG thumbnail of the image at ``path`` (a file, a URL, a tar member
+    ``…/00000.tar/key.jpg``), or None if it cannot be read."""
     from PIL import Image, ImageOps
 
     from .images import to_rgb
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(read_location(path))) as im:
             im.draft("RGB", (THUMB, THUMB))  # JPEG: decode at a reduced scale
             rgb = to_rgb(ImageOps.exif_transpose(im))  # 16-bit, CMYK, alpha as extraction does
             rgb.thumbnail((THUMB, THUMB))
@@ -71,8 +73,9 @@ def thumbnail(path: str) -> str | None:
 
 
 def _link(path: str) -> str:
-    absolute = os.path.abspath(path)
-    return "file://" + quote(absolute)
+    if is_url(path):
+        return path
+    return "file://" + quote(os.path.abspath(path))
 
 
 def _figure(path: str, shown: str, caption: str, first: bool) -> str:

@@ -61,7 +61,7 @@ def locate(root: str, key: str) -> str:
     return key if is_url(key) else os.path.join(root, key)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Member:
     """A regular file inside a tar: where its data starts, how long it is, when it was made."""
 
@@ -282,6 +282,42 @@ def concurrently(work: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
         if pool is None:  # a forked worker does not inherit its parent's threads
             pool = _POOLS[os.getpid()] = concurrent.futures.ThreadPoolExecutor(FETCH_THREADS)
     return list(pool.map(work, items))
+
+
+def _split_tar(location: str) -> tuple[str, str] | None:
+    """(tar, member) for a location inside a tar (``…/00000.tar/key.jpg``), at the last
+    ``.tar/`` of it; None otherwise."""
+    at = location.lower().rfind(".tar/")
+    return None if at < 0 else (location[: at + 4], location[at + 5 :])
+
+
+@functools.lru_cache(maxsize=8)
+def _members_of(tar: str, timeout: float) -> dict[str, Member]:
+    return {m.name: m for m in index_tar(tar, timeout, lambda _name: True).members}
+
+
+def read_location(location: str, timeout: float = 30.0) -> bytes:
+    """The bytes of the image at a row's location (its root joined with its path, as
+    ``read_features(...).absolute_paths()`` gives it): a file, a URL, or a tar member named
+    ``…/00000.tar/key.jpg`` (the tar's index is kept for the next member). Raises OSError
+    or ImageError."""
+    inside = _split_tar(location)
+    if inside is None or (not is_url(location) and os.path.lexists(location)):
+        if not is_url(location):
+            with open_file(location) as fh:
+                return fh.read()
+        return fetch(location, timeout)
+    if is_url(location):  # a folder named like a tar, on a web server?
+        try:
+            return fetch(location, timeout, attempts=1)
+        except ImageError as exc:
+            if exc.kind != "not_found":
+                raise
+    tar, name = inside
+    member = _members_of(tar, timeout).get(member_name(name))
+    if member is None:
+        raise FileNotFoundError(f"no member {name!r} in {tar}")
+    return read_member(tar, member, timeout)
 
 
 # --- tar index -----------------------------------------------------------------------------

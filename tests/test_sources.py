@@ -374,3 +374,41 @@ def test_kill_then_resume_each_input_kind(collection, reference, tmp_path, kind)
         assert resumed.returncode == 0, resumed.stderr
     assert_same(_by(keyed(out), rename), reference, [])
     assert os.path.exists(out)
+
+
+def test_read_ahead_thread_keeps_order_raises_in_place_and_stops_when_closed():
+    """Without decode processes, remote batches are read by a thread ahead of compute."""
+    import itertools
+    import threading
+
+    from spp_extract.loader import _ahead
+
+    assert list(_ahead(iter(range(10)), 2)) == list(range(10))
+
+    def failing():
+        yield 1
+        raise OSError("the second batch failed")
+
+    got = []
+    with pytest.raises(OSError, match="second batch"):
+        for item in _ahead(failing(), 2):
+            got.append(item)
+    assert got == [1]
+    endless = _ahead(itertools.count(), 2)
+    assert next(endless) == 0
+    endless.close()  # the thread ends: nothing keeps reading
+    assert not any(t.name == "spp-extract-prefetch" for t in threading.enumerate())
+
+
+def test_report_thumbnails_of_tar_members_and_urls(collection):
+    """The page of `neighbors --html` shows thumbnails of rows read from tars and URLs."""
+    from spp_extract.report import thumbnail
+
+    tar = collection / "shards" / "00001.tar"
+    name = sorted(p.name for p in (collection / "loose" / "00001.tar").iterdir())[0]
+    assert thumbnail(f"{tar}/{name}").startswith("data:image/jpeg;base64,")
+    assert thumbnail(f"{tar}/no-such-member.jpg") is None
+    with http_server(collection) as server:
+        assert thumbnail(f"{server.url}/loose/00001.tar/{name}").startswith("data:image/jpeg")
+        assert thumbnail(f"{server.url}/shards/00001.tar/{name}").startswith("data:image/jpeg")
+        assert thumbnail(f"{server.url}/missing.jpg") is None
