@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import collections
 import http.server
+import ipaddress
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -78,6 +80,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    scheme = "http"
 
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # a client that gave up (the timeout tests) breaks the pipe: expected
@@ -90,12 +93,19 @@ class Server(http.server.ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.server_address[1]}"
 
 
 @contextmanager
-def http_server(root: Path, delay: float = 5.0) -> Iterator[Server]:
+def http_server(root: Path, delay: float = 5.0, tls: Path | None = None) -> Iterator[Server]:
+    """The server on a free loopback port; with ``tls`` (a folder from :func:`certificate`),
+    HTTPS with that certificate."""
     server = Server(root, delay)
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls / "cert.pem", tls / "key.pem")
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        server.scheme = "https"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -103,6 +113,46 @@ def http_server(root: Path, delay: float = 5.0) -> Iterator[Server]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def certificate(folder: Path) -> Path:
+    """A self-signed certificate for 127.0.0.1 (``cert.pem``, ``key.pem`` in ``folder``): a
+    client trusts it with SSL_CERT_FILE=folder/cert.pem."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return folder
 
 
 def unused_port() -> int:

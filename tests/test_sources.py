@@ -412,3 +412,33 @@ def test_report_thumbnails_of_tar_members_and_urls(collection):
         assert thumbnail(f"{server.url}/loose/00001.tar/{name}").startswith("data:image/jpeg")
         assert thumbnail(f"{server.url}/shards/00001.tar/{name}").startswith("data:image/jpeg")
         assert thumbnail(f"{server.url}/missing.jpg") is None
+
+
+@pytest.mark.slow
+def test_https_urls_served_locally_give_the_same_vectors(collection, reference, tmp_path):
+    """HTTPS for real: a TLS server on loopback with a self-signed certificate the client is
+    told to trust (SSL_CERT_FILE), the CLI in a fresh process."""
+    pytest.importorskip("cryptography")
+    from conftest import run_python
+    from servers import certificate
+
+    tls = certificate(tmp_path / "tls")
+    keys = sorted(reference["rows"])
+    with http_server(collection, tls=tls) as server:
+        assert server.url.startswith("https://")
+        base = f"{server.url}/loose/"
+        listing = tmp_path / "urls.txt"
+        listing.write_text("".join(f"{base}{k}\n" for k in keys))
+        out = tmp_path / "https.h5"
+        args = ["-m", "spp_extract", "extract", "--files-from", listing, "-o", out, *FLAGS]
+        done = run_python(*args, env={"SSL_CERT_FILE": str(tls / "cert.pem")})
+        assert done.returncode == 0, done.stderr
+        assert_same(_url_keyed(out, base), reference, [])
+        # without trusting the certificate: every image a failure row, never a failed run
+        untrusted = tmp_path / "untrusted.h5"
+        args[args.index(out)] = untrusted
+        done = run_python(*args, env={"SSL_CERT_FILE": str(tmp_path / "none.pem")})
+        assert done.returncode == 0, done.stderr
+        data = read_features(untrusted)
+        assert data.paths == [] and set(data.failed_classes) == {"unreachable"}
+        assert all("certificate" in e.lower() for e in data.failed_errors)
