@@ -246,8 +246,10 @@ def read_sizes(
     refs: Sequence[ImageRef], workers: int, config: Config | None = None
 ) -> list[tuple[int, int] | None]:
     config = config or Config()
-    if workers == 0 or len(refs) < 64:
-        return header_sizes(refs, config)
+    if workers == 0 or len(refs) < 64:  # 64 at a time: a remote header is held until read
+        return [
+            s for at in range(0, len(refs), 64) for s in header_sizes(refs[at : at + 64], config)
+        ]
     loader = DataLoader(
         _Headers(refs, config),
         batch_size=64,

@@ -209,6 +209,8 @@ class _Collector:
             )
         for member in members.values():
             self.add(f"{key}/{member.name}", path, member=member, origin=origin)
+        for name, why in index.unreadable:  # a row each, never opened
+            self.add(f"{key}/{name}", path, why, member=Member(name, 0, 0, 0), origin=origin)
         if index.problem is not None:
             self.add(key, path, index.problem, origin=origin)
 
@@ -258,6 +260,8 @@ def find_images(
     would be stored under the same path.
     """
     entries = [(str(p), "", None) for p in inputs]
+    if column is not None and files_from is None:
+        raise ConfigError("--column names a column of a --files-from table; give --files-from")
     if files_from is not None:
         origin = os.path.abspath(files_from)
         entries += [(e, where, origin) for e, where in _list_entries(files_from, column)]

@@ -92,20 +92,24 @@ def _ahead(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
     ready: queue.Queue[Any] = queue.Queue(depth)
     stop = threading.Event()
 
+    def put(item: Any) -> bool:
+        """Hand ``item`` over, unless the consumer has stopped (then False)."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for batch in batches:
-                while not stop.is_set():
-                    try:
-                        ready.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(batch):
                     return
-            ready.put(_END)
+            put(_END)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            ready.put(exc)
+            put(exc)
 
     thread = threading.Thread(target=produce, name="spp-extract-prefetch", daemon=True)
     thread.start()

@@ -69,7 +69,7 @@ def padded_batching(config: Config, device: torch.device, trunk: Trunk) -> int:
         return 0
     if config.batching == "padded" or device.type == "cuda":
         return EVERY_SIZE
-    return SMALL_PIXELS
+    return SMALL_PIXELS if device.type == "cpu" else 0  # MPS: same-size, as it was
 
 
 def batching_name(runtime: Runtime) -> str:

@@ -340,11 +340,13 @@ class RunState:
         """True if this image (the same file, unchanged since: ``stat`` is its size and
         modification time, None for a URL, which is not asked again) already has a result that
         need not be redone. Same stored path but another file (other input folders with the
-        same names, sizes and times, as after ``cp -p``) is redone."""
+        same names, sizes and times, as after ``cp -p``) is redone; a URL is the same image
+        whichever list named it."""
         record = self.records.get(key)
         if record is None or (stat is not None and (record.file_size, record.mtime_ns) != stat):
             return False
-        if record.source is not None and record.source != source:
+        # a URL is its own identity: the same URL from another list is the same image
+        if stat is not None and record.source is not None and record.source != source:
             return False
         return record.status == STATUS_OK or not retry_failed
 

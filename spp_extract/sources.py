@@ -21,7 +21,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
 from .errors import ConfigError, ImageError, printable
@@ -41,12 +41,17 @@ def is_url(text: str) -> bool:
     return bool(_URL.match(text))
 
 
+def _name_part(name: str) -> str:
+    """A URL's path without its query and fragment (``s.tar?sig=…``); a file name as is."""
+    return re.split(r"[?#]", name, maxsplit=1)[0] if is_url(name) else name
+
+
 def is_tar(name: str) -> bool:
-    return name.lower().endswith(".tar")
+    return _name_part(name).lower().endswith(".tar")
 
 
 def is_compressed_tar(name: str) -> bool:
-    return name.lower().endswith(COMPRESSED_TARS)
+    return _name_part(name).lower().endswith(COMPRESSED_TARS)
 
 
 def compressed_tar_reason(name: str) -> str:
@@ -325,11 +330,61 @@ def read_location(location: str, timeout: float = 30.0) -> bytes:
 
 @dataclass
 class TarIndex:
-    """A tar's regular members (in archive order) and, if it could not be read to its end,
-    why: (failure class, message)."""
+    """A tar's image members (in archive order; a hard or symbolic link to a member as that
+    member's data under its own name), the image members that cannot be read in place with
+    why (a sparse member, a tar inside the tar, a link to nothing), and, if the tar could not
+    be read to its end, why: (failure class, message)."""
 
     members: list[Member]
     problem: tuple[str, str] | None = None
+    unreadable: list[tuple[str, tuple[str, str]]] = field(default_factory=list)
+
+
+class _Members:
+    """What :func:`index_tar` collects, header by header."""
+
+    def __init__(self, wanted: Callable[[str], bool]) -> None:
+        self.wanted = wanted
+        self.members: list[Member] = []
+        self.unreadable: list[tuple[str, tuple[str, str]]] = []
+        self.data: dict[str, Member] = {}  # every regular member by name (link targets)
+        self.links: list[tuple[str, str, bool]] = []  # (name, target, hard)
+
+    def add(self, info: tarfile.TarInfo) -> None:
+        name = member_name(info.name)
+        if not name:
+            return
+        if info.isreg():
+            member = Member(name, info.offset_data, info.size, int(info.mtime * 1e9))
+            self.data[name] = member
+            if not (self.wanted(name) or is_tar(name) or is_compressed_tar(name)):
+                return
+            if info.issparse():
+                why = "a sparse member (tar -S) cannot be read in place; make the tar without -S"
+                self.unreadable.append((name, ("unsupported_member", why)))
+            elif is_tar(name) or is_compressed_tar(name):
+                why = "a tar inside a tar is not read; unpack the outer tar and give the inner one"
+                self.unreadable.append((name, ("nested_tar", why)))
+            else:
+                self.members.append(member)
+        elif (info.islnk() or info.issym()) and self.wanted(name):
+            target = (
+                info.linkname
+                if info.islnk()
+                else posixpath.join(posixpath.dirname(info.name), info.linkname)
+            )
+            self.links.append((name, member_name(target), info.islnk()))
+
+    def index(self, problem: tuple[str, str] | None) -> TarIndex:
+        """The index, links resolved (a symbolic link may point ahead)."""
+        for name, target, hard in self.links:
+            found = self.data.get(target)
+            if found is None:
+                kind = "missing" if hard else "dangling_symlink"
+                self.unreadable.append((name, (kind, f"link to {target!r}, not in the tar")))
+            else:
+                self.members.append(Member(name, found.offset, found.size, found.mtime_ns))
+        return TarIndex(self.members, problem, self.unreadable)
 
 
 def member_name(name: str) -> str:
@@ -356,7 +411,8 @@ def index_tar(path: str, timeout: float, wanted: Callable[[str], bool]) -> TarIn
     except OSError as exc:
         kind = "permission_denied" if isinstance(exc, PermissionError) else "unreadable"
         return TarIndex([], (kind, f"cannot open the tar: {exc.strerror or exc}"))
-    members: list[Member] = []
+    collected = _Members(wanted)
+    members = collected.members
     try:
         with handle:
             try:
@@ -371,22 +427,18 @@ def index_tar(path: str, timeout: float, wanted: Callable[[str], bool]) -> TarIn
                         after = f"after {members[-1].name!r}" if members else "before any image"
                         cut = "unexpected end" in str(exc)
                         kind = "truncated_tar" if cut else "corrupt_tar"
-                        return TarIndex(members, (kind, f"{exc}; members {after} are lost"))
+                        return collected.index((kind, f"{exc}; members {after} are lost"))
                     if info is None:
                         break
-                    name = member_name(info.name)
-                    if info.isreg() and name and wanted(name):
-                        members.append(
-                            Member(name, info.offset_data, info.size, int(info.mtime * 1e9))
-                        )
+                    collected.add(info)
                     tf.members.clear()  # tarfile keeps every header: not ours to hold
                 end = tf.offset
-            return TarIndex(members, _end_problem(handle, end, size, members))
+            return collected.index(_end_problem(handle, end, size, members))
     except ImageError as exc:  # a remote read failed part way
-        return TarIndex(members, (exc.kind, f"reading the tar: {exc.message}"))
+        return collected.index((exc.kind, f"reading the tar: {exc.message}"))
     except Exception as exc:  # noqa: BLE001 - a remote read's own error
         kind, _ = _classify(exc)
-        return TarIndex(members, (kind, f"reading the tar: {_message(exc, timeout)}"))
+        return collected.index((kind, f"reading the tar: {_message(exc, timeout)}"))
 
 
 def _end_problem(

@@ -42,7 +42,8 @@ def entries(path: str, column: str) -> list[tuple[str, str]]:
 
 def _csv(path: str, column: str, delimiter: str) -> tuple[list[str] | None, list[str]]:
     try:
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first name
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
             reader = csv.reader(fh, delimiter=delimiter)
             header = next(reader, [])
             if column not in header:

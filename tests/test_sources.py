@@ -286,6 +286,17 @@ def test_remote_tar_shard_and_tables_of_urls(collection, reference, tmp_path):
         out = tmp_path / "csv.h5"
         extract([], out, config=CONFIG, files_from=csv, column="image")
         assert_same(_url_keyed(out, base), reference, [])
+        # the same URLs from another table: the same images, not asked for again
+        asked = dict(server.requests)
+        extract(
+            [],
+            tmp_path / "parquet.h5",
+            config=CONFIG,
+            files_from=csv,
+            column="image",
+            mode="resume",
+        )
+        assert server.requests == asked
     line = one_line(cli("extract", "--files-from", csv, "-o", tmp_path / "y.h5", *FLAGS), 2)
     assert "no column 'url'" in line and "'key', 'image'" in line and "--column" in line
     listing = tmp_path / "plain.txt"
@@ -397,6 +408,9 @@ def test_read_ahead_thread_keeps_order_raises_in_place_and_stops_when_closed():
     endless = _ahead(itertools.count(), 2)
     assert next(endless) == 0
     endless.close()  # the thread ends: nothing keeps reading
+    short = _ahead(iter(range(5)), 4)  # ended, with its queue full, when the consumer stops
+    assert next(short) == 0
+    short.close()
     assert not any(t.name == "spp-extract-prefetch" for t in threading.enumerate())
 
 
@@ -442,3 +456,68 @@ def test_https_urls_served_locally_give_the_same_vectors(collection, reference, 
         data = read_features(untrusted)
         assert data.paths == [] and set(data.failed_classes) == {"unreachable"}
         assert all("certificate" in e.lower() for e in data.failed_errors)
+
+
+def test_links_sparse_and_nested_members_are_rows_never_dropped(collection, reference, tmp_path):
+    """A hard or symbolic link to an image member is a row with that image's vector (as two
+    names of one file in a folder are); a sparse member, a tar inside the tar and a link to
+    nothing are failure rows, never read wrongly or left out."""
+    import shutil as sh
+    import subprocess
+
+    name, data = _image_bytes(3)
+    folder = tmp_path / "pack"
+    folder.mkdir()
+    tar = folder / "links.tar"
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as tf:
+        _add(tf, name, data)
+        for link, kind, target in [
+            ("hard.png", tarfile.LNKTYPE, name),
+            ("sub/soft.png", tarfile.SYMTYPE, f"../{name}"),
+            ("ahead.png", tarfile.SYMTYPE, "later.png"),
+            ("nowhere.png", tarfile.SYMTYPE, "nope.png"),
+        ]:
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = kind, target
+            tf.addfile(info)
+        _add(tf, "later.png", data)
+        _add(tf, "inner.tar", b"\0" * 1024)
+    if sh.which("tar"):  # GNU tar writes sparse members (-S); Python's tarfile cannot
+        hole = tmp_path / "sparse.bmp"
+        bmp = io.BytesIO()
+        Image.new("RGB", (512, 512)).save(bmp, "BMP")
+        with open(hole, "wb") as fh:
+            fh.write(bmp.getvalue()[:54])  # the header; the black pixels become a hole
+            fh.seek(len(bmp.getvalue()) - 1)
+            fh.write(b"\0")
+        sparse = folder / "sparse.tar"
+        subprocess.run(
+            ["tar", "-S", "--format=gnu", "-cf", sparse, "-C", tmp_path, "sparse.bmp"], check=True
+        )
+    out = tmp_path / "out.h5"
+    extract(folder, out, config=CONFIG)
+    data_ = read_features(out)
+    rows = dict(zip(data_.paths, data_.features, strict=True))
+    want = reference["rows"][f"00000.tar/{name}"]
+    for path in (f"links.tar/{name}", "links.tar/hard.png", "links.tar/sub/soft.png"):
+        np.testing.assert_allclose(rows[path], want, rtol=1e-4, atol=1e-5)
+    assert "links.tar/ahead.png" in rows and "links.tar/later.png" in rows
+    failed = dict(zip(data_.failed_paths, data_.failed_classes, strict=True))
+    expected = {"links.tar/nowhere.png": "dangling_symlink", "links.tar/inner.tar": "nested_tar"}
+    if sh.which("tar"):
+        with tarfile.open(folder / "sparse.tar") as tf:
+            assert next(iter(tf)).issparse()  # the test really made a sparse member
+        expected["sparse.tar/sparse.bmp"] = "unsupported_member"
+    assert failed == expected
+
+
+def test_tables_with_a_byte_order_mark_and_column_alone(collection, reference, tmp_path):
+    keys = sorted(reference["rows"])[:3]
+    table = tmp_path / "excel.csv"
+    lines = "url,note\r\n" + "".join(f'"{collection / "loose" / k}",x\r\n' for k in keys)
+    table.write_bytes(b"\xef\xbb\xbf" + lines.encode())  # Excel's "CSV UTF-8"
+    found = find_images([], files_from=table)
+    assert [r.path for r in found.refs] == [str(collection / "loose" / k) for k in keys]
+    with pytest.raises(ConfigError, match="--column names a column of a --files-from table"):
+        find_images([collection / "loose"], column="url")
+    assert sources.is_tar("https://h/s/00000.tar?X-Amz-Signature=abc")  # a presigned URL
