@@ -253,7 +253,10 @@ def test_missing_shard_is_an_error_never_fill_values(tmp_path, inputs):
     extract(
         [inputs],
         out,
-        config=Config(backbone="resnet18", weights="none", workers=0, commit_seconds=0.01),
+        # batches of 2: several shards (a first window is two batches)
+        config=Config(
+            backbone="resnet18", weights="none", workers=0, commit_seconds=0.01, batch_size=2
+        ),
     )
     victim = sorted(shards_root(out).rglob("a*.h5"))[1]
     victim.unlink()
