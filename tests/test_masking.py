@@ -113,6 +113,7 @@ def test_masked_padded_batch_equals_each_image_alone(backbone):
         )
 
 
+@pytest.mark.slow  # a model per backbone (the quick loop keeps the exactness test above)
 @pytest.mark.parametrize("backbone", _by_maskable(True))
 def test_sizes_found_without_shape_keeping_modules_are_the_full_traces(backbone):
     """The masks' sizes come from a meta copy without BatchNorm, LayerNorm and activations

@@ -259,6 +259,7 @@ def _closed_port() -> int:
     return unused_port()
 
 
+@pytest.mark.slow  # four extractions over HTTP
 def test_remote_tar_shard_and_tables_of_urls(collection, reference, tmp_path):
     pytest.importorskip("pyarrow")
     import pyarrow as pa
