@@ -4,7 +4,8 @@ from the headers; nothing is unpacked), or a URL read through fsspec (``https://
 ``gs://``, ... with the ``[remote]`` extra), whole or a range, with bounded retries.
 
 Remote failures have their own classes: ``not_found``, ``permission_denied``, ``unreachable``
-(refused, dropped, a server error), ``timeout`` and ``http_error`` (another refusal). The
+(refused, dropped, a server error, a name that does not resolve), ``timeout``, ``http_error``
+(another refusal) and ``invalid_url`` (a URL that cannot be asked at all). The
 transient ones (``unreachable``, ``timeout``) are tried ``ATTEMPTS`` times, waiting
 ``BACKOFF`` s, then twice that. Nothing is written to disk."""
 
@@ -16,6 +17,7 @@ import functools
 import os
 import posixpath
 import re
+import ssl
 import stat
 import tarfile
 import threading
@@ -179,6 +181,10 @@ def _classify(exc: BaseException) -> tuple[str, bool]:
         return "timeout", True
     if isinstance(status, int) and status != 429 and status < 500:
         return "http_error", False
+    if isinstance(exc, ssl.SSLError) or "Certificate" in type(exc).__name__:
+        return "unreachable", False  # an untrusted server: asking again will not change it
+    if isinstance(exc, ValueError):  # a URL that cannot be asked at all (aiohttp's InvalidURL)
+        return "invalid_url", False
     return "unreachable", True
 
 

@@ -523,3 +523,11 @@ def test_tables_with_a_byte_order_mark_and_column_alone(collection, reference, t
     with pytest.raises(ConfigError, match="--column names a column of a --files-from table"):
         find_images([collection / "loose"], column="url")
     assert sources.is_tar("https://h/s/00000.tar?X-Amz-Signature=abc")  # a presigned URL
+
+
+def test_a_url_that_cannot_be_asked_is_one_class_and_not_retried():
+    pytest.importorskip("aiohttp")
+    with pytest.raises(sources.ImageError) as caught:
+        sources.fetch("http://[::1/x.jpg", 1.0)
+    assert caught.value.kind == "invalid_url"
+    assert "attempts" not in caught.value.message  # asked once: it cannot get better
