@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from . import images, sources
+from . import images, sources, tars
 from .config import Config, pixel_limit
 from .discovery import ImageRef
 from .errors import ImageError, printable
@@ -32,7 +32,29 @@ class Item:
     window: int = -1  # the planned window (shard) it belongs to
 
 
-# What was read ahead for an image (``sources.load``), or why it could not be; None: nothing.
+def load(ref: ImageRef, timeout: float, header: bool = False) -> str | sources.Blob:
+    """What ``images`` decodes for ``ref``: a local file's path, or the bytes of a tar member
+    or URL (with ``header``, the first ``HEADER_BYTES`` only). Raises ImageError."""
+    member = ref.member
+    if member is not None:
+        data = tars.read_member(ref.path, member, timeout, sources.HEADER_BYTES if header else None)
+        if not header and len(data) < member.size:
+            raise ImageError(
+                "truncated",
+                f"the tar ends inside this member: {len(data)} of {member.size} bytes",
+            )
+        return sources.Blob(data, member.size, member.mtime_ns)
+    if not ref.remote:
+        return ref.path
+    # a header is read once: if that fails, decoding tries again and records why
+    if header:
+        data = sources.fetch(ref.path, timeout, 0, sources.HEADER_BYTES, attempts=1)
+    else:
+        data = sources.fetch(ref.path, timeout)
+    return sources.Blob(data, -1 if header else len(data), -1)
+
+
+# What was read ahead for an image (``load``), or why it could not be; None: nothing.
 Loaded = str | sources.Blob | ImageError | None
 
 
@@ -59,7 +81,7 @@ def load_all(refs: Sequence[ImageRef], config: Config, header: bool = False) -> 
         if not ref.remote or ref.problem is not None:
             return None
         try:
-            return sources.load(ref, config.fetch_timeout, header=header)
+            return load(ref, config.fetch_timeout, header=header)
         except ImageError as exc:
             return exc
 
@@ -72,7 +94,7 @@ def _decode_item(
     if ref.problem is not None:  # a folder that could not be listed, a damaged tar
         return failure(ref, index, *ref.problem)
     try:
-        source = sources.load(ref, config.fetch_timeout) if loaded is None else loaded
+        source = load(ref, config.fetch_timeout) if loaded is None else loaded
         if isinstance(source, ImageError):
             raise source
         decoded = images.decode(
@@ -231,7 +253,7 @@ def header_size(ref: ImageRef, config: Config, loaded: Loaded = None) -> tuple[i
     if ref.problem is not None or isinstance(loaded, ImageError):
         return None
     try:
-        source = loaded or sources.load(ref, config.fetch_timeout, header=True)
+        source = loaded or load(ref, config.fetch_timeout, header=True)
     except ImageError:
         return None
     return images.read_size(source)

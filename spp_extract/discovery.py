@@ -18,11 +18,11 @@ from .sources import (
     check_remote,
     compressed_tar_reason,
     filesystem,
-    index_tar,
     is_compressed_tar,
     is_tar,
     is_url,
 )
+from .tars import index_tar
 
 log = logging.getLogger(__name__)
 

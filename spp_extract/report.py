@@ -20,7 +20,8 @@ from .groups import Group
 from .listing import PathNames
 from .outputs import OutputFile
 from .records import Neighbors
-from .sources import is_url, read_location
+from .sources import is_url
+from .tars import read_location
 
 THUMB = 160  # px, longest side
 GROUP_LIMIT = 1000  # groups (or queries) shown; the rest are counted on the page
