@@ -21,6 +21,7 @@ from .sources import (
     is_compressed_tar,
     is_tar,
     is_url,
+    protocol,
 )
 from .tars import index_tar
 
@@ -269,9 +270,9 @@ def find_images(
     checked: set[str] = set()
     for entry, where, origin in entries:
         if is_url(entry):
-            if protocol_of(entry) not in checked:
+            if protocol(entry) not in checked:
                 check_remote(entry)
-                checked.add(protocol_of(entry))
+                checked.add(protocol(entry))
             _add_remote(collector, entry, origin)
         elif is_compressed_tar(entry) and os.path.isfile(entry):
             raise ConfigError(compressed_tar_reason(entry) + where)
@@ -295,15 +296,11 @@ def find_images(
     return Found(refs, collector.overlaps)
 
 
-def protocol_of(url: str) -> str:
-    return url.split("://", 1)[0].lower()
-
-
 def _add_remote(collector: _Collector, url: str, origin: str | None) -> None:
     """A URL: an image (http(s) URLs are always single files: the web has no listing), a tar,
     or on an object store (s3://, gs://, ...), a folder listed recursively (keys relative to
     it, like a local folder's)."""
-    proto = protocol_of(url)
+    proto = protocol(url)
     if proto not in ("http", "https") and not _is_input_name(url.rstrip("/")):
         fs = filesystem(url, collector.timeout)
         try:
